@@ -1,0 +1,336 @@
+"""Typed experiment configuration: frozen dataclasses, a strict YAML loader and dotted overrides.
+
+Unknown keys are errors that name the key and suggest the closest valid one; every value is checked against its
+annotation. Only values shared by every reference run have defaults (ALGORITHM.md §7); dataset-specific values
+(tau, learning rate, weight decay, crop, epochs, aux head) must be stated by each experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from imas_train.errors import ConfigError
+
+IGNORE_INDEX = 255  # ignore label everywhere (ALGORITHM.md §5.1)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD_RGB = (123, 116, 103)  # ImageNet mean x 255 as uint8: pad colour of weak augmentation (§5.3)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DeepLabV3+ on a (dilated) ResNet (ALGORITHM.md §4)."""
+
+    num_classes: int
+    aux_head: bool  # Cityscapes yes (weight 0.4), VOC no: no universal value, so no default
+    depth: Literal[18, 34, 50, 101] = 50
+    stem: Literal["deep", "standard"] = "deep"  # deep = faithful; standard loads torchvision ImageNet files
+    output_stride: Literal[8, 16, 32] = 16
+    multi_grid: bool = True  # (1, 2, 4) grid on layer4; False for the SupOnly baselines
+    base_width: int = 64  # 64 for every real ResNet; tiny test and demo models use less
+    layers: tuple[int, int, int, int] | None = None  # block counts override; None = standard for `depth`
+    aspp_channels: int = 256
+    low_level_channels: int = 48
+    decoder_channels: int = 256
+    aux_channels: int = 256
+    pretrained: Path | None = None  # local ImageNet backbone file; nothing is ever downloaded
+    aux_labeled_only: bool = False  # §10 2b: run aux on the labeled slice only (changes aux BN statistics)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The procedural demo dataset (no files): sizes and seed."""
+
+    num_labeled: int = 24
+    num_unlabeled: int = 192
+    num_val: int = 24
+    height: int = 96
+    width: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, split lists and the weak augmentation geometry (ALGORITHM.md §5)."""
+
+    dataset: Literal["cityscapes", "voc", "folder", "demo"]
+    crop_size: int  # 769 Cityscapes, 513 VOC
+    batch_size: int  # per process, for the labeled and the unlabeled stream each (B)
+    scale_mode: Literal["fixed_base", "long_side", "relative"]  # Cityscapes / VOC / custom resize rule
+    root: Path | None = None
+    labeled_list: Path | None = None
+    unlabeled_list: Path | None = None
+    val_list: Path | None = None
+    scale_range: tuple[float, float] = (0.5, 2.0)  # s for fixed_base and relative
+    base_size: tuple[int, int] = (1024, 2048)  # (H, W) resized by s in fixed_base mode (Cityscapes)
+    long_side_range: tuple[int, int] = (250, 1000)  # inclusive, long_side mode (VOC)
+    class_names: tuple[str, ...] | None = None  # folder datasets only; built in for the others
+    palette: tuple[tuple[int, int, int], ...] | None = None  # folder datasets only; generated when absent
+    image_dir: str = "images"  # folder datasets: image folder under root
+    mask_dir: str = "masks"  # folder datasets: mask folder under root
+    mask_suffix: str = ".png"
+    ignore_values: tuple[int, ...] = ()  # folder datasets: raw mask values mapped to the ignore label
+    value_remap: dict[int, int] | None = None  # folder datasets: raw mask value -> class index
+    num_workers: int = 2
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Supervised loss (ALGORITHM.md §6.1)."""
+
+    supervised: Literal["ce", "ohem"]  # OHEM Cityscapes, CE VOC
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100_000
+    aux_weight: float = 0.4
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with a per-iteration poly schedule (ALGORITHM.md §3 step 0, §7)."""
+
+    lr: float  # backbone base LR: 0.01 Cityscapes, 0.001 VOC
+    weight_decay: float  # 5e-4 Cityscapes, 1e-4 VOC
+    head_lr_mult: float  # 1 Cityscapes, 10 VOC (head = decoder + aux)
+    epochs: int  # 240 Cityscapes, 80 VOC
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # rule when the global batch differs from 16+16
+    reference_global_batch: int = 16  # labeled images per optimizer step in the paper's runs
+    grad_accum_steps: int = 1
+    max_iters: int | None = None  # stop early (demo, smoke tests); the schedule still spans epochs
+
+
+@dataclass(frozen=True)
+class ImasConfig:
+    """The iMAS method and its ablation switches (ALGORITHM.md §3, §10)."""
+
+    tau: float  # 0.7 Cityscapes, 0.95 VOC: no universal value, so no default
+    unsup_weight: float = 3.0  # lambda_u in every reference run
+    ema_decay: float = 0.996  # alpha; the decay is 0 throughout epoch 0 (§3 step 10)
+    sup_only_epochs: int = 0
+    ignore_class0: bool = True  # drop class 0 from the wIoU weights (road on Cityscapes, background on VOC)
+    cutmix_side_range: tuple[float, float] = (0.1, 0.9)
+    forward_unused_weak: bool = True  # faithful; False saves ~22% FLOPs but changes BN statistics (§10.1)
+    ignore_padding_in_unsup: bool = False  # §10.9 opt-out of training on padded borders
+    adaptive_loss_weight: bool = True  # False: every unlabeled image has weight 1
+    adaptive_intensity: bool = True  # False: the full strong view replaces the easiness mix
+    adaptive_cutmix_trigger: bool = True  # False: CutMix fires with cutmix_fixed_prob
+    cutmix_fixed_prob: float = 0.5  # only when adaptive_cutmix_trigger is False
+    adaptive_cutmix_pairing: bool = True  # False: random partners instead of hard-easy pairs
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation protocol (ALGORITHM.md §8)."""
+
+    protocol: Literal["imas", "full_tiles", "whole"]  # imas for Cityscapes, whole for VOC
+    window: int = 769
+    stride: int | None = None  # None: floor(window * 2 / 3), 512 for 769
+    every_epochs: int = 1
+    student: bool = False  # also evaluate the student (the reference does; costs as much again)
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run executes."""
+
+    output_dir: Path
+    seed: int = 2
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # None: take accelerate launch's setting
+    log_every: int = 20
+    checkpoint_every: int = 500  # iterations between resumable checkpoints (also written at each epoch end)
+    keep_checkpoints: int = 3
+    compile: bool = False
+    channels_last: bool = False
+    deterministic: bool = False  # torch deterministic algorithms; cudnn benchmark off
+    tensorboard: bool = True
+    easiness_csv: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One experiment."""
+
+    model: ModelConfig
+    data: DataConfig
+    loss: LossConfig
+    optim: OptimConfig
+    imas: ImasConfig
+    eval: EvalConfig
+    run: RunConfig
+    method: Literal["imas", "supervised"] = "imas"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path | str, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML experiment file, apply `section.key=value` overrides, and return a checked TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(TrainConfig, raw, where=str(path))
+    check_consistency(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override to a raw config dict; the value is parsed with yaml.safe_load."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, value = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def from_dict(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and checking every value's type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{where}: unknown key {key!r} in {cls.__name__}{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{where}: {name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {name!r} in {cls.__name__}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in args or type(value) is not type(args[args.index(value)]):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args
+        return {_coerce(kt, k, f"{where} key"): _coerce(vt, v, f"{where}[{k}]") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return Path(value).expanduser()
+    raise ConfigError(f"{where}: unsupported annotation {tp}")  # a bug in this module, not in the file
+
+
+def check_consistency(cfg: TrainConfig) -> None:
+    """Cross-field checks that no single annotation can express."""
+    d = cfg.data
+    if d.dataset != "demo" and d.root is None:
+        raise ConfigError(f"data.root is required for dataset {d.dataset!r}")
+    if d.dataset != "demo" and (d.labeled_list is None or d.val_list is None):
+        raise ConfigError("data.labeled_list and data.val_list are required (see README 'Split lists')")
+    if cfg.method == "imas" and d.dataset != "demo" and d.unlabeled_list is None:
+        raise ConfigError("data.unlabeled_list is required for method 'imas' (or set method: supervised)")
+    if d.dataset == "folder" and not d.class_names:
+        raise ConfigError("data.class_names is required for dataset 'folder'")
+    if d.class_names is not None and len(d.class_names) != cfg.model.num_classes:
+        raise ConfigError(
+            f"data.class_names has {len(d.class_names)} names but model.num_classes is {cfg.model.num_classes}"
+        )
+    for name, val in (("data.crop_size", d.crop_size), ("data.batch_size", d.batch_size),
+                      ("optim.epochs", cfg.optim.epochs), ("eval.window", cfg.eval.window),
+                      ("optim.grad_accum_steps", cfg.optim.grad_accum_steps)):
+        if val < 1:
+            raise ConfigError(f"{name} must be >= 1, got {val}")
+    if not 0.0 < cfg.imas.tau <= 1.0:
+        raise ConfigError(f"imas.tau must be in (0, 1], got {cfg.imas.tau}")
+    lo, hi = cfg.imas.cutmix_side_range
+    if not 0.0 < lo <= hi < 1.0:
+        raise ConfigError(f"imas.cutmix_side_range must satisfy 0 < lo <= hi < 1, got {(lo, hi)}")
+    if cfg.model.aux_labeled_only and not cfg.model.aux_head:
+        raise ConfigError("model.aux_labeled_only needs model.aux_head: true")
+
+
+def to_dict(cfg: Any) -> Any:
+    """A YAML/JSON-safe dict of a config dataclass (Paths as strings, tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved config as YAML text (loads back to an equal TrainConfig)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def model_config_from_dict(raw: dict[str, Any], where: str = "model_config") -> ModelConfig:
+    """Rebuild a ModelConfig from an artifact's sidecar (strict, like the YAML loader)."""
+    return from_dict(ModelConfig, raw, where)

@@ -1,0 +1,345 @@
+"""The iMAS method as pure tensor functions (ALGORITHM.md §2, §3 steps 3-8, §6.2).
+
+Glossary (ALGORITHM.md §1):
+
+* Suffixes: ``_l`` labeled, ``_u`` unlabeled, ``_w`` weak view, ``_s`` strong-intensity view (or *student* when it
+  follows ``conf``/``labels``/``ratio``), ``_t`` teacher, ``_cm`` CutMix branch, ``_mix`` intensity-mixed branch.
+* ``logits_*``: raw network outputs, (B, C, H, W).
+* ``conf_*``: maximum softmax probability per pixel, (B, H, W), float32.
+* ``labels_*`` / ``pseudo_*``: argmax label maps, (B, H, W), int64. The pseudo-labels and their confidences
+  (``pseudo_label``, ``pseudo_conf``) always come from the **teacher**.
+* ``ratio_*``: confident ratio rho = mean over pixels of 1[conf >= threshold], (B,).
+* ``easiness``: e = 1 - gamma, (B,), in [0, 1], large for *easy* images (teacher and student agree confidently).
+  The paper's "hardness" gamma is never stored; the reference code's ``hardness`` variables hold e (ALGORITHM.md §0).
+* ``partners``: (B,) int64; image i receives CutMix content from image ``partners[i]``.
+* ``boxes``: (B, 4) int64 rows ``(y0, y1, x0, x1)``, half-open, in pixel coordinates.
+
+Every random draw comes from an explicit CPU ``torch.Generator``; nothing here reads global RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from imas_train.config import IGNORE_INDEX
+
+__all__ = [
+    "class_weighted_iou",
+    "confidence_and_labels",
+    "confident_ratio",
+    "easiness",
+    "easiness_from_predictions",
+    "hard_easy_partners",
+    "random_partners",
+    "unsupervised_loss",
+    "unsupervised_total",
+    "intensity_mix",
+    "cutmix_fires",
+    "sample_cutmix_boxes",
+    "box_mask",
+    "paste_cutmix",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Easiness (§2)
+
+
+@torch.no_grad()
+def class_weighted_iou(pred: Tensor, ref: Tensor, num_classes: int, ignore_class0: bool = True) -> Tensor:
+    """Per-instance IoU averaged over classes with weights from the class frequencies of `ref` (ALGORITHM.md §2).
+
+    IoU_c = M_cc / (|ref == c| + |pred == c| - M_cc) is symmetric; only the weights n_c / sum_k n_k, where n_c is the
+    number of class-c pixels in `ref`, depend on which map is the reference. With `ignore_class0`, n_0 = 0. When every
+    weight is zero (e.g. `ref` is all class 0 and the exclusion is on) the result is exactly 0, never NaN.
+
+    Args:
+        pred: (B, H, W) integer label map in [0, num_classes).
+        ref: (B, H, W) integer label map in [0, num_classes); supplies the weights.
+        num_classes: C.
+        ignore_class0: drop class 0 from the weights.
+
+    Returns:
+        (B,) float32 on the inputs' device. Counts are integers, IoUs and weights float64 (one batched bincount).
+    """
+    if pred.shape != ref.shape or pred.dim() != 3:
+        raise ValueError(f"pred and ref must both be (B, H, W); got {tuple(pred.shape)} and {tuple(ref.shape)}")
+    b, k = pred.shape[0], num_classes
+    offsets = torch.arange(b, device=pred.device).view(b, 1) * (k * k)
+    index = offsets + ref.flatten(1).long() * k + pred.flatten(1).long()
+    cm = torch.bincount(index.flatten(), minlength=b * k * k).view(b, k, k).double()  # rows = ref, cols = pred
+    inter = cm.diagonal(dim1=1, dim2=2)
+    n_ref, n_pred = cm.sum(2), cm.sum(1)
+    union = n_ref + n_pred - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+    if ignore_class0:
+        n_ref = torch.cat([torch.zeros_like(n_ref[:, :1]), n_ref[:, 1:]], dim=1)
+    total = n_ref.sum(1, keepdim=True)
+    weights = torch.where(total > 0, n_ref / total.clamp_min(1), torch.zeros_like(n_ref))
+    return (weights * iou).sum(1).float()
+
+
+@torch.no_grad()
+def confidence_and_labels(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Max softmax probability and argmax of (B, C, H, W) logits, softmax in float32.
+
+    Returns:
+        conf (B, H, W) float32 and labels (B, H, W) int64. Used once for the teacher, giving the pseudo-labels.
+    """
+    conf, labels = logits.float().softmax(dim=1).max(dim=1)
+    return conf, labels
+
+
+def confident_ratio(conf: Tensor, threshold: float) -> Tensor:
+    """rho: the fraction of pixels with conf >= threshold (note >=), per image. (B, H, W) -> (B,) float32."""
+    return (conf >= threshold).float().mean(dim=(1, 2))
+
+
+@torch.no_grad()
+def easiness_from_predictions(
+    labels_s: Tensor,
+    conf_s: Tensor,
+    labels_t: Tensor,
+    conf_t: Tensor,
+    threshold: float,
+    num_classes: int,
+    ignore_class0: bool = True,
+) -> Tensor:
+    """e = 1/2 [wIoU(pred=labels_s, ref=labels_t) * rho_t + wIoU(pred=labels_t, ref=labels_s) * rho_s].
+
+    Each model's confident ratio multiplies the wIoU weighted by that model's own class frequencies (the reference's
+    ``hardness_v1``; paper Eq. 7 with gamma = 1 - e).
+
+    Args:
+        labels_s, conf_s: student argmax and max-probability maps, (B, H, W).
+        labels_t, conf_t: teacher argmax and max-probability maps, (B, H, W).
+        threshold: tau.
+        num_classes: C.
+        ignore_class0: drop class 0 from the wIoU weights.
+
+    Returns:
+        (B,) float32 easiness in [0, 1].
+    """
+    ratio_s = confident_ratio(conf_s, threshold)
+    ratio_t = confident_ratio(conf_t, threshold)
+    wiou_ref_t = class_weighted_iou(labels_s, labels_t, num_classes, ignore_class0)
+    wiou_ref_s = class_weighted_iou(labels_t, labels_s, num_classes, ignore_class0)
+    return 0.5 * (wiou_ref_t * ratio_t + wiou_ref_s * ratio_s)  # large = easy; paper gamma = 1 - e
+
+
+@torch.no_grad()
+def easiness(student_logits: Tensor, teacher_logits: Tensor, threshold: float, ignore_class0: bool = True) -> Tensor:
+    """Easiness e of each unlabeled image from the student's and teacher's logits on the weak view (§2).
+
+    Args:
+        student_logits: (B, C, H, W), from the eval-mode no-grad student forward.
+        teacher_logits: (B, C, H, W), same shape.
+        threshold: tau; pixels with max probability >= tau count as confident.
+        ignore_class0: drop class 0 from the wIoU weights.
+
+    Returns:
+        (B,) float32 in [0, 1] on the logits' device. An identical student and teacher give e = rho, not 1.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 4:
+        raise ValueError(
+            f"logits must both be (B, C, H, W); got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    conf_s, labels_s = confidence_and_labels(student_logits)
+    conf_t, labels_t = confidence_and_labels(teacher_logits)
+    num_classes = student_logits.shape[1]
+    return easiness_from_predictions(labels_s, conf_s, labels_t, conf_t, threshold, num_classes, ignore_class0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CutMix pairing (§3 step 5)
+
+
+@torch.no_grad()
+def hard_easy_partners(easiness: Tensor) -> Tensor:
+    """Pair the hardest image with the easiest, the second hardest with the second easiest, and so on.
+
+    Stable ascending sort: partner[order[k]] = order[B-1-k]. The result is an involution (each pair swaps
+    regions); with odd B the median image pairs with itself; B = 2 is a swap.
+
+    Args:
+        easiness: (B,) easiness values.
+
+    Returns:
+        (B,) int64 on the same device.
+    """
+    if easiness.dim() != 1:
+        raise ValueError(f"easiness must be (B,), got {tuple(easiness.shape)}")
+    order = torch.sort(easiness, stable=True).indices
+    partners = torch.empty_like(order)
+    partners[order] = order.flip(0)
+    return partners
+
+
+def random_partners(batch_size: int, generator: torch.Generator, device: torch.device | str | None = None) -> Tensor:
+    """Non-adaptive pairing ablation: a uniformly random permutation; image i receives from partners[i].
+
+    Returns:
+        (B,) int64, drawn on the generator's (CPU) device, then moved to `device` when given.
+    """
+    partners = torch.randperm(batch_size, generator=generator)
+    return partners if device is None else partners.to(device)
+
+
+def cutmix_fires(easiness_mean: float, generator: torch.Generator) -> bool:
+    """Adaptive trigger: one U(0, 1) draw per process per iteration; CutMix fires if it is < the mean easiness.
+
+    Pass the per-process mean (a Python float); with the non-adaptive ablation pass the fixed probability instead.
+    """
+    return bool(torch.rand((), generator=generator, dtype=torch.float64).item() < easiness_mean)
+
+
+def sample_cutmix_boxes(
+    batch_size: int,
+    height: int,
+    width: int,
+    side_range: tuple[float, float] = (0.1, 0.9),
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One CutMix box per image (ALGORITHM.md §3 step 5).
+
+    One side ratio v ~ U(lo, hi) for the whole batch gives sides s_h = floor(H v), s_w = floor(W v). Each image draws
+    a centre r uniform in {floor(H/16), ..., H-1} and c uniform in {floor(W/16), ..., W-1}; its box is rows
+    [r - floor(s_h/2), r + floor(s_h/2)) and cols [c - floor(s_w/2), c + floor(s_w/2)), clipped to the image. The
+    side ratio is not scaled by easiness (the reference's mapping flags are off in every run).
+
+    Args:
+        batch_size: B.
+        height, width: H, W of the crop.
+        side_range: (lo, hi) of v.
+        generator: CPU generator supplying every draw (None: torch's default generator).
+
+    Returns:
+        (B, 4) int64 on the CPU, rows (y0, y1, x0, x1); move it to the images' device (or let `paste_cutmix` do it).
+    """
+    lo, hi = side_range
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"side_range must satisfy 0 <= lo <= hi <= 1, got {side_range}")
+    u = torch.rand((), generator=generator, dtype=torch.float64).item()
+    v = lo + (hi - lo) * u
+    half_h, half_w = math.floor(height * v) // 2, math.floor(width * v) // 2
+    rows = torch.randint(height // 16, height, (batch_size,), generator=generator)
+    cols = torch.randint(width // 16, width, (batch_size,), generator=generator)
+    return torch.stack(
+        [
+            (rows - half_h).clamp(0, height),
+            (rows + half_h).clamp(0, height),
+            (cols - half_w).clamp(0, width),
+            (cols + half_w).clamp(0, width),
+        ],
+        dim=1,
+    )
+
+
+def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
+    """(B, 4) boxes (y0, y1, x0, x1) -> (B, H, W) bool mask, True inside each image's own box."""
+    ys = torch.arange(height, device=boxes.device).view(1, height, 1)
+    xs = torch.arange(width, device=boxes.device).view(1, 1, width)
+    y0, y1, x0, x1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    return (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+
+
+def paste_cutmix(
+    images: Tensor,
+    labels: Tensor,
+    confs: Tensor,
+    boxes: Tensor,
+    partners: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Inside image i's box, copy image, pseudo-label and confidence from image partners[i], same coordinates.
+
+    Outside its box each image keeps its own pixels. The inputs are not modified. The loss weight of image i stays
+    the receiver's own easiness e_i.
+
+    Args:
+        images: (B, 3, H, W) weak views u_w (normalised).
+        labels: (B, H, W) teacher pseudo-labels.
+        confs: (B, H, W) teacher confidences.
+        boxes: (B, 4) int64 (y0, y1, x0, x1), from `sample_cutmix_boxes`.
+        partners: (B,) int64, from `hard_easy_partners` or `random_partners`.
+
+    Returns:
+        images_cm (B, 3, H, W), labels_cm (B, H, W), confs_cm (B, H, W): new tensors.
+    """
+    b, _, h, w = images.shape
+    if labels.shape != (b, h, w) or confs.shape != (b, h, w) or boxes.shape != (b, 4) or partners.shape != (b,):
+        raise ValueError(
+            f"shape mismatch: images {tuple(images.shape)}, labels {tuple(labels.shape)}, confs {tuple(confs.shape)},"
+            f" boxes {tuple(boxes.shape)}, partners {tuple(partners.shape)}"
+        )
+    device = images.device
+    mask = box_mask(boxes.to(device), h, w)
+    partners = partners.to(device)
+    images_cm = torch.where(mask.unsqueeze(1), images[partners], images)
+    labels_cm = torch.where(mask, labels[partners], labels)
+    confs_cm = torch.where(mask, confs[partners], confs)
+    return images_cm, labels_cm, confs_cm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Intensity view and unsupervised loss (§3 step 4, §6.2)
+
+
+def intensity_mix(image_s: Tensor, image_w: Tensor, easiness: Tensor) -> Tensor:
+    """Adaptive intensity view: e_i * u_s + (1 - e_i) * u_w per instance, on normalised tensors.
+
+    Args:
+        image_s: (B, 3, H, W) strong-intensity view.
+        image_w: (B, 3, H, W) weak view, pixel-aligned with `image_s`.
+        easiness: (B,) in [0, 1].
+
+    Returns:
+        (B, 3, H, W) in the images' dtype; e = 0 gives exactly the weak view, e = 1 exactly the strong view.
+    """
+    if image_s.shape != image_w.shape:
+        raise ValueError(f"image_s {tuple(image_s.shape)} and image_w {tuple(image_w.shape)} differ")
+    weight = easiness.detach().to(device=image_w.device, dtype=image_w.dtype).view(-1, 1, 1, 1)
+    return torch.lerp(image_w, image_s, weight.expand_as(image_w))
+
+
+def unsupervised_loss(
+    student_logits: Tensor,
+    pseudo_label: Tensor,
+    pseudo_conf: Tensor,
+    threshold: float,
+    weight: Tensor | None = None,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """l = (1/B) sum_i w_i (1/(H W)) sum_j 1[conf_ij >= tau] CE(s_ij, y_ij)  (ALGORITHM.md §6.2).
+
+    The normaliser is all H*W pixels: masked pixels count as zeros, not as ignored.
+
+    Args:
+        student_logits: (B, C, H, W); cross-entropy is computed in float32.
+        pseudo_label: (B, H, W) int64 teacher pseudo-labels (255 is treated as masked, should it ever appear).
+        pseudo_conf: (B, H, W) teacher confidences.
+        threshold: tau (comparison >=).
+        weight: (B,) per-image weight, the easiness e_i; None = 1. Detached (a constant).
+        valid: optional (B, H, W) bool mask that also masks pixels (``imas.ignore_padding_in_unsup``); the
+            normaliser stays H*W.
+
+    Returns:
+        Scalar float32 loss.
+    """
+    b, _, h, w = student_logits.shape
+    ce = F.cross_entropy(student_logits.float(), pseudo_label, ignore_index=IGNORE_INDEX, reduction="none")
+    mask = pseudo_conf >= threshold
+    if valid is not None:
+        mask = mask & valid
+    per_image = (ce * mask).sum(dim=(1, 2)) / (h * w)
+    if weight is not None:
+        per_image = per_image * weight.detach().to(per_image.dtype)
+    return per_image.sum() / b
+
+
+def unsupervised_total(loss_mix: Tensor, loss_cm: Tensor | None) -> Tensor:
+    """L_u = (L_I + L_C) / 2 when CutMix fired (loss_cm given), else L_I at full weight, not halved."""
+    return loss_mix if loss_cm is None else 0.5 * (loss_mix + loss_cm)

@@ -1,0 +1,138 @@
+"""DeepLabV3+ decoder and optional auxiliary head on a dilated ResNet (ALGORITHM.md §4).
+
+Every bilinear resize uses ``align_corners=True`` (ASPP pooling branch, decoder upsample, final upsample), which
+ONNX exports as ``Resize`` with ``coordinate_transformation_mode=align_corners``. There is no dropout. The decoder
+and the aux head keep PyTorch's default initialisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imas_train.models.resnet import ResNet
+
+ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}  # atrous rates per output stride
+
+
+def _resize(x: Tensor, like: Tensor) -> Tensor:
+    """Bilinear resize of `x` to the spatial size of `like`, align_corners=True (trace-safe: shape from a tensor)."""
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1, bias: bool = False) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=bias),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: image pooling, 1x1 and three 3x3 atrous branches, fused by a 1x1 conv."""
+
+    def __init__(self, cin: int, channels: int, rates: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(cin, channels, 1))
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(cin, channels, 1)] + [_conv_bn_relu(cin, channels, 3, dilation=r) for r in rates]
+        )
+        self.project = _conv_bn_relu(5 * channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, cin, h, w) -> (B, channels, h, w)."""
+        outs = [_resize(self.pool(x), x)] + [branch(x) for branch in self.branches]
+        return self.project(torch.cat(outs, dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ segmentation model.
+
+    Args:
+        backbone: the encoder; its ``forward_features`` gives [x1, x2, x3, x4].
+        num_classes: C, the number of output channels.
+        aux_head: add the auxiliary head on x3 (Cityscapes).
+        aspp_channels: inner and output channels of the ASPP (256).
+        low_level_channels: channels of the projected x1 (48).
+        decoder_channels: channels of the two 3x3 classifier convs (256).
+        aux_channels: hidden channels of the aux head (256).
+    """
+
+    def __init__(
+        self,
+        backbone: ResNet,
+        num_classes: int,
+        aux_head: bool,
+        aspp_channels: int = 256,
+        low_level_channels: int = 48,
+        decoder_channels: int = 256,
+        aux_channels: int = 256,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        c1, _, c3, c4 = backbone.channels
+        self.aspp = ASPP(c4, aspp_channels, ASPP_RATES[backbone.output_stride])
+        self.low_level = _conv_bn_relu(c1, low_level_channels, 1, bias=True)
+        self.classifier = nn.Sequential(
+            _conv_bn_relu(low_level_channels + aspp_channels, decoder_channels, 3),
+            _conv_bn_relu(decoder_channels, decoder_channels, 3),
+            nn.Conv2d(decoder_channels, num_classes, 1),
+        )
+        self.aux: nn.Sequential | None = None
+        if aux_head:
+            self.aux = nn.Sequential(_conv_bn_relu(c3, aux_channels, 3), nn.Conv2d(aux_channels, num_classes, 1))
+
+    def _decode(self, x: Tensor, x1: Tensor, x4: Tensor) -> Tensor:
+        context = _resize(self.aspp(x4), x1)
+        logits = self.classifier(torch.cat([self.low_level(x1), context], dim=1))
+        return _resize(logits, x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Main logits; never runs the aux head.
+
+        Args:
+            x: (B, 3, H, W) normalised images.
+
+        Returns:
+            (B, C, H, W) logits at the input size.
+        """
+        x1, _, _, x4 = self.backbone.forward_features(x)
+        return self._decode(x, x1, x4)
+
+    def forward_with_aux(self, x: Tensor, aux_batch: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Main and auxiliary logits from one backbone pass (training only).
+
+        Args:
+            x: (B, 3, H, W) normalised images.
+            aux_batch: run the aux head on the first `aux_batch` images only (``model.aux_labeled_only``);
+                None = all B images.
+
+        Returns:
+            logits (B, C, H, W) and logits_aux (aux_batch or B, C, H, W), both at the input size; logits_aux is
+            None when the model has no aux head.
+        """
+        x1, _, x3, x4 = self.backbone.forward_features(x)
+        logits = self._decode(x, x1, x4)
+        if self.aux is None:
+            return logits, None
+        if aux_batch is not None:
+            if not 0 < aux_batch <= x.shape[0]:
+                raise ValueError(f"aux_batch must be in [1, {x.shape[0]}], got {aux_batch}")
+            x3 = x3[:aux_batch]
+        logits_aux = self.aux(x3)
+        return logits, _resize(logits_aux, x)
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the encoder (optimizer group 'backbone')."""
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the decoder and the aux head (optimizer group 'head')."""
+        for module in (self.aspp, self.low_level, self.classifier, self.aux):
+            if module is not None:
+                yield from module.parameters()

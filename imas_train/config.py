@@ -34,7 +34,7 @@ class ModelConfig:
     depth: Literal[18, 34, 50, 101] = 50
     stem: Literal["deep", "standard"] = "deep"  # deep = faithful; standard loads torchvision ImageNet files
     output_stride: Literal[8, 16, 32] = 16
-    multi_grid: bool = True  # (1, 2, 4) grid on layer4; False for the SupOnly baselines
+    multi_grid: bool = True  # (2, 2, 4) grid on layer4 (ALGORITHM.md §4); False for SupOnly baselines
     base_width: int = 64  # 64 for every real ResNet; tiny test and demo models use less
     layers: tuple[int, int, int, int] | None = None  # block counts override; None = standard for `depth`
     aspp_channels: int = 256

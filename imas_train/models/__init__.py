@@ -66,8 +66,13 @@ def build_model(cfg: ModelConfig) -> DeepLabV3Plus:
     )
     if cfg.pretrained is not None:
         report = load_backbone_weights(backbone, cfg.pretrained)
-        _log.info("loaded %d backbone tensors from %s (%s stem; dropped %d)", report.loaded, report.path,
-                  report.stem, len(report.dropped))
+        _log.info(
+            "loaded %d backbone tensors from %s (%s stem; dropped %d)",
+            report.loaded,
+            report.path,
+            report.stem,
+            len(report.dropped),
+        )
     return DeepLabV3Plus(
         backbone,
         num_classes=cfg.num_classes,

@@ -46,7 +46,8 @@ class ASPP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, cin, h, w) -> (B, channels, h, w)."""
         outs = [_resize(self.pool(x), x)] + [branch(x) for branch in self.branches]
-        return self.project(torch.cat(outs, dim=1))
+        fused: Tensor = self.project(torch.cat(outs, dim=1))
+        return fused
 
 
 class DeepLabV3Plus(nn.Module):

@@ -42,9 +42,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out: Tensor = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out = self.relu(out + identity)
+        return out
 
 
 class Bottleneck(nn.Module):
@@ -65,10 +66,11 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out: Tensor = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.relu(out + identity)
+        return out
 
 
 class ResNet(nn.Module):
@@ -196,4 +198,3 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> x4, (B, channels[3], H/os, W/os)."""
         return self.forward_features(x)[-1]
-

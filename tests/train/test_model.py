@@ -65,13 +65,11 @@ def test_logits_match_odd_input_size(depth: int, stem: str, output_stride: int) 
     assert torch.isfinite(logits).all()
     sides_h = _expected_feature_sides(65, stem, output_stride)
     sides_w = _expected_feature_sides(97, stem, output_stride)
-    assert [tuple(f.shape[-2:]) for f in feats] == list(zip(sides_h, sides_w))
+    assert [tuple(f.shape[-2:]) for f in feats] == list(zip(sides_h, sides_w, strict=True))
     assert [f.shape[1] for f in feats] == list(model.backbone.channels)
 
 
-@pytest.mark.parametrize(
-    ("output_stride", "sides"), [(8, [16, 8, 8, 8]), (16, [16, 8, 4, 4]), (32, [16, 8, 4, 2])]
-)
+@pytest.mark.parametrize(("output_stride", "sides"), [(8, [16, 8, 8, 8]), (16, [16, 8, 4, 4]), (32, [16, 8, 4, 2])])
 def test_feature_strides_standard_stem_64px(output_stride: int, sides: list[int]) -> None:
     backbone = ResNet(depth=50, stem="standard", output_stride=output_stride, multi_grid=False, **TINY)
     feats = backbone.eval().forward_features(torch.randn(1, 3, 64, 64))

@@ -96,7 +96,9 @@ class EmaTeacher:
         for key, t in teacher_state.items():
             s = student_state[key].detach()
             if t.shape != s.shape:
-                raise ValueError(f"EMA: {key} has shape {tuple(s.shape)} in the student, {tuple(t.shape)} in the teacher")
+                raise ValueError(
+                    f"EMA: {key} has shape {tuple(s.shape)} in the student, {tuple(t.shape)} in the teacher"
+                )
             s = s.to(device=t.device, dtype=t.dtype)
             if t.is_floating_point() and decay > 0.0:
                 lerp_t.append(t)

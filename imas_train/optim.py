@@ -26,7 +26,7 @@ def poly_lr(step: int, total_steps: int, base_lr: float, power: float = 0.9) -> 
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     frac = min(max(step, 0), total_steps) / total_steps
-    return base_lr * (1.0 - frac) ** power
+    return float(base_lr * (1.0 - frac) ** power)
 
 
 def param_groups(model: _TwoGroupModel, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:

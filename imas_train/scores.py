@@ -76,7 +76,7 @@ def format_iou_table(per_class: np.ndarray, class_names: Sequence[str]) -> str:
         raise ValueError(f"{len(class_names)} class names for {values.shape[0]} IoU values")
     present = ~np.isnan(values)
     mean = float(values[present].mean()) if present.any() else float("nan")
-    rows = [(str(name), value) for name, value in zip(class_names, values)] + [("mIoU", mean)]
+    rows = [(str(name), value) for name, value in zip(class_names, values, strict=True)] + [("mIoU", mean)]
     width = max(len("class"), *(len(name) for name, _ in rows))
 
     def cell(value: float) -> str:

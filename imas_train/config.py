@@ -188,7 +188,7 @@ def load_config(path: Path | str, overrides: typing.Sequence[str] = ()) -> Train
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    cfg = from_dict(TrainConfig, raw, where=str(path))
+    cfg: TrainConfig = from_dict(TrainConfig, raw, where=str(path))
     check_consistency(cfg)
     return cfg
 
@@ -230,7 +230,7 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -333,4 +333,5 @@ def dump_config(cfg: TrainConfig) -> str:
 
 def model_config_from_dict(raw: dict[str, Any], where: str = "model_config") -> ModelConfig:
     """Rebuild a ModelConfig from an artifact's sidecar (strict, like the YAML loader)."""
-    return from_dict(ModelConfig, raw, where)
+    cfg: ModelConfig = from_dict(ModelConfig, raw, where)
+    return cfg

@@ -262,5 +262,5 @@ _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 def normalise(image: np.ndarray) -> torch.Tensor:
     """RGB uint8 (H, W, 3) -> float32 (3, H, W): divide by 255, subtract the ImageNet mean, divide by the std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
     return ((x - _MEAN) / _STD).contiguous()

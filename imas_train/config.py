@@ -304,6 +304,8 @@ def check_consistency(cfg: TrainConfig) -> None:
                       ("optim.grad_accum_steps", cfg.optim.grad_accum_steps)):
         if val < 1:
             raise ConfigError(f"{name} must be >= 1, got {val}")
+    if cfg.eval.stride is not None and not 1 <= cfg.eval.stride <= cfg.eval.window:
+        raise ConfigError(f"eval.stride must be in [1, eval.window={cfg.eval.window}], got {cfg.eval.stride}")
     if not 0.0 < cfg.imas.tau <= 1.0:
         raise ConfigError(f"imas.tau must be in (0, 1], got {cfg.imas.tau}")
     lo, hi = cfg.imas.cutmix_side_range

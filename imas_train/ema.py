@@ -18,7 +18,8 @@ def ema_decay(step: int, iters_per_epoch: int, sup_only_epochs: int, alpha: floa
 
     d = 0 while epoch = step // L <= sup_only_epochs (so with the default 0 the teacher is an exact copy of the
     student throughout epoch 0), else d = min(1 - 1 / (step - L * sup_only_epochs + 1), alpha). At epoch 1 step 0
-    this is 1 - 1/(L + 1); it reaches alpha = 0.996 at global iteration 249.
+    this is min(1 - 1/(L + 1), alpha). With sup_only_epochs = 0 it reaches alpha = 0.996 at global iteration
+    max(249, L): 249 when L <= 249 (Cityscapes, L = 93..174), at once at epoch 1 step 0 otherwise (VOC 1323, L = 578).
 
     Args:
         step: global iteration i.

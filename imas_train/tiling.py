@@ -40,6 +40,8 @@ def window_starts(size: int, window: int, stride: int, *, flush_last: bool) -> l
     """
     if size < 1 or window < 1 or stride < 1:
         raise ValueError(f"size, window and stride must be >= 1, got {size}, {window}, {stride}")
+    if stride > window:
+        raise ValueError(f"stride {stride} is larger than the window {window}: pixels between windows would be skipped")
     if not flush_last:
         return list(range(0, size, stride))
     if size <= window:

@@ -38,6 +38,9 @@ def test_decay_schedule() -> None:
     L = 100  # reaches alpha at global iteration 249
     assert ema_decay(248, L, 0, 0.996) < 0.996
     assert ema_decay(249, L, 0, 0.996) == 0.996
+    L = 578  # VOC 1323: 1 - 1/(L + 1) > alpha, so d jumps from 0 straight to alpha at epoch 1 step 0
+    assert ema_decay(L - 1, L, 0, 0.996) == 0.0
+    assert ema_decay(L, L, 0, 0.996) == 0.996
     assert all(ema_decay(i, 10, 2, 0.996) == 0.0 for i in range(30))  # sup_only_epochs = 2
     assert ema_decay(30, 10, 2, 0.996) == pytest.approx(1 - 1 / 11)
 

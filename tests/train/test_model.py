@@ -169,6 +169,45 @@ def test_decoder_layout_and_biases() -> None:
     assert build_model(_tiny_cfg(output_stride=32, multi_grid=False)).aspp.branches[1][0].dilation == (3, 3)
 
 
+def test_aspp_and_aux_head_layout() -> None:
+    """ALGORITHM.md §4: five bias-free conv-BN-ReLU ASPP branches fused by a bias-free 1x1; aux head on x3 is
+    3x3 (no bias) - BN - ReLU - 1x1 (bias)."""
+    model = build_model(_tiny_cfg())
+    c4, c3 = model.backbone.channels[3], model.backbone.channels[2]
+    pool_conv = model.aspp.pool[1]
+    branch_convs = [b[0] for b in model.aspp.branches]
+    assert isinstance(model.aspp.pool[0], nn.AdaptiveAvgPool2d) and pool_conv.kernel_size == (1, 1)
+    assert [c.kernel_size for c in branch_convs] == [(1, 1), (3, 3), (3, 3), (3, 3)]
+    assert [c.dilation[0] for c in branch_convs[1:]] == [6, 12, 18]
+    assert all(c.in_channels == c4 and c.out_channels == 16 for c in [pool_conv, *branch_convs])
+    project = model.aspp.project[0]
+    assert project.kernel_size == (1, 1) and (project.in_channels, project.out_channels) == (5 * 16, 16)
+    assert all(c.bias is None for c in [pool_conv, *branch_convs, project])
+    assert model.aux is not None
+    aux_convs = [m for m in model.aux.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in aux_convs] == [(3, 3), (1, 1)]
+    assert [c.bias is not None for c in aux_convs] == [False, True]
+    assert (aux_convs[0].in_channels, aux_convs[0].out_channels, aux_convs[1].out_channels) == (c3, 16, 3)
+    assert [type(m) for m in model.aux[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+
+
+def test_init_kaiming_fan_out_backbone_and_default_decoder() -> None:
+    """ALGORITHM.md §4: backbone convs Kaiming-normal (fan_out), BN gamma 1 / beta 0; decoder keeps torch defaults."""
+    torch.manual_seed(0)
+    model = build_model(_tiny_cfg())
+    conv = model.backbone.layer4[0].conv2  # (128, 128, 3, 3): enough samples for a 5% std check
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert float(conv.weight.detach().std()) == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.05)
+    bn = model.backbone.layer4[0].bn2
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    head = model.classifier[0][0]  # default init: kaiming_uniform(a=sqrt 5), std = 1 / sqrt(3 fan_in)
+    fan_in = head.in_channels * head.kernel_size[0] * head.kernel_size[1]
+    assert float(head.weight.detach().std()) == pytest.approx((1.0 / (3 * fan_in)) ** 0.5, rel=0.1)
+    last = model.classifier[2]
+    assert float(last.bias.detach().abs().max()) <= 1.0 / last.in_channels**0.5  # default uniform bias, not zero-init
+    assert float(last.bias.detach().abs().max()) > 0
+
+
 def _dilations(layer: nn.Sequential) -> list[int]:
     return [block.conv2.dilation[0] for block in layer]
 

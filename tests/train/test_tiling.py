@@ -55,5 +55,7 @@ def test_rectangular_windows_and_bad_values() -> None:
     assert [tuple(w) for w in wins] == [(0, 50, 0, 100), (0, 50, 100, 200), (50, 100, 0, 100), (50, 100, 100, 200)]
     with pytest.raises(ValueError):
         window_starts(10, 0, 1, flush_last=True)
+    with pytest.raises(ValueError, match="larger than the window"):
+        window_starts(100, 10, 11, flush_last=False)
     with pytest.raises(ValueError):
         plan_windows(10, 10, 5, 5, "sliding")  # type: ignore[arg-type]

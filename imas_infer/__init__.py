@@ -1,0 +1,135 @@
+"""Sliding-window batch inference for exported iMAS models (`imas-infer`).
+
+Python API (the CLI is a thin layer over it):
+
+    from imas_infer import InferOptions, infer
+    result = infer(InferOptions(model=Path("model.onnx"), input="val/", output=Path("pred/")))
+    result.summary.succeeded, result.evaluation, result.report
+
+The ONNX Runtime and TensorRT paths import only numpy, Pillow, their runtime and tier-0 `imas_train` modules;
+torch is imported only by the torch backend, when it is chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imas_infer.backends import open_backend
+from imas_infer.evaluate import EvalResult, Evaluator, match_ground_truth
+from imas_infer.image_io import discover_inputs
+from imas_infer.options import InferOptions, RunSettings, resolve_settings
+from imas_infer.pipeline import OutputSpec, SyntheticItem, run_pipeline
+from imas_infer.report import RunSummary, benchmark_model, model_benchmark_dict, write_report
+from imas_train import __version__
+
+__all__ = ["InferEvents", "InferOptions", "InferResult", "RunSettings", "__version__", "infer"]
+
+
+def _ignore(*_: Any) -> None:
+    return None
+
+
+@dataclass
+class InferEvents:
+    """Callbacks through which a run reports progress (the CLI prints them; the library never prints)."""
+
+    stage: Callable[[str], None] = _ignore  # one line per stage: "model: ...", "inputs: ...", ...
+    start: Callable[[int], None] = _ignore  # number of images, before the first one
+    image: Callable[[], None] = _ignore  # once per finished image, success or failure
+    error: Callable[[str, str], None] = _ignore  # (path, reason) of an image that failed
+
+
+@dataclass
+class InferResult:
+    summary: RunSummary
+    evaluation: EvalResult | None
+    report: dict[str, Any]
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def infer(options: InferOptions, events: InferEvents | None = None) -> InferResult:
+    """Run `imas-infer` as described by `options`.
+
+    Returns:
+        The run summary, the evaluation (with `options.gt`) and the report dictionary (also written to
+        `options.report` when set).
+
+    Raises:
+        InferError / ArtifactError: unusable options, inputs or model (the CLI's exit code 2). Images that cannot
+        be read or written are not errors: they are listed in `summary.failures`.
+    """
+    options.validate()
+    ev = events or InferEvents()
+    with open_backend(options.model, backend=options.backend, device=options.device, threads=options.threads) as be:
+        ev.stage(f"model: {be.describe()}")
+        settings = resolve_settings(options, be.info)
+        if options.synthetic is not None:
+            count, height, width = options.synthetic
+            items: list[Any] = [SyntheticItem(i, height, width) for i in range(count)]
+            ev.stage(f"inputs: {count} synthetic {height}x{width} images")
+        else:
+            assert options.input is not None
+            _, items = discover_inputs(options.input)
+            ev.stage(f"inputs: {len(items)} images from {options.input}")
+        evaluator = None
+        if options.gt is not None:
+            gt_paths = match_ground_truth(items, options.gt, options.gt_suffix)
+            evaluator = Evaluator(be.info.num_classes, gt_paths, len(items))
+            ev.stage(f"ground truth: {len(gt_paths)} of {len(items)} images matched in {options.gt}")
+        ev.stage(settings.describe())
+        report: dict[str, Any] = {
+            "model": {
+                "path": str(be.info.path),
+                "backend": be.name,
+                "runtime": be.runtime,
+                "info": _jsonable(dataclasses.asdict(be.info)),
+            },
+            "settings": _jsonable(dataclasses.asdict(settings)),
+            "options": _jsonable(dataclasses.asdict(options)),
+        }
+        if options.benchmark:
+            batch, window, seconds = benchmark_model(
+                be, settings, iterations=options.benchmark_iters, warmup=options.warmup
+            )
+            bench = report["benchmark_model"] = model_benchmark_dict(batch, window, seconds)
+            ev.stage(
+                f"benchmark: model alone {bench['ms_per_batch']['mean']:.1f} ms per batch of {batch} "
+                f"{window[0]}x{window[1]} windows ({bench['windows_per_s']:.1f} windows/s, "
+                f"{len(seconds)} iterations after {options.warmup} warm-up)"
+            )
+        outputs = OutputSpec(options.output, tuple(options.save), be.info.palette, options.overlay_alpha)
+        ev.start(len(items))
+        summary = run_pipeline(
+            be,
+            settings,
+            items,
+            outputs,
+            evaluator=evaluator,
+            readers=options.readers,
+            writers=options.writers,
+            prefetch=options.prefetch,
+            on_image=ev.image,
+            on_error=ev.error,
+        )
+        class_names = be.info.class_names
+    report.update(summary.to_dict())
+    evaluation = evaluator.result() if evaluator is not None else None
+    if evaluation is not None:
+        report["evaluation"] = evaluation.to_dict(class_names)
+    if options.report is not None:
+        write_report(options.report, report)
+    return InferResult(summary, evaluation, report, class_names)

@@ -1,0 +1,116 @@
+"""PyTorch backend: the EMA teacher artifact (`teacher.safetensors` + `teacher.json`) run directly.
+
+The only inference path that needs torch; `backends.open_backend` imports this module only when it is chosen, and
+torch itself is imported inside the constructor. The model accepts any window size, so both protocols and
+whole-image mode work. Stitching stays on the model's device (`TorchStitcher`): window results are softmaxed and
+accumulated in device tensors, and only the final class ids (and probabilities, when saved) are copied back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imas_infer.backends.base import Backend, ModelInfo
+from imas_train.errors import InferError
+from imas_train.tiling import Window
+
+
+def _import_torch() -> Any:
+    try:
+        import torch  # optional: the workstation install
+    except ImportError as err:
+        raise InferError(
+            "--backend torch needs PyTorch (pip install 'imas[workstation]'); export the teacher to "
+            "ONNX to run without it"
+        ) from err
+    return torch
+
+
+class TorchStitcher:
+    """`stitch.NumpyStitcher` in torch tensors on the model's device."""
+
+    def __init__(self, torch: Any, device: Any, num_classes: int, *, softmax: bool) -> None:
+        self.torch, self.device, self.num_classes, self.softmax = torch, device, num_classes, softmax
+
+    def scores(self, out: Any) -> Any:
+        out = out.float()
+        return out.softmax(dim=1) if self.softmax else out
+
+    def new_canvas(self, canvas_hw: tuple[int, int]) -> tuple[Any, Any]:
+        zeros = self.torch.zeros
+        return zeros((self.num_classes, *canvas_hw), device=self.device), zeros(canvas_hw, device=self.device)
+
+    def add(self, canvas: Any, scores: Any, index: int, window: Window, flipped: bool) -> None:
+        total, count = canvas
+        y0, y1, x0, x1 = window
+        result = scores[index].flip(-1) if flipped else scores[index]
+        total[:, y0:y1, x0:x1] += result
+        count[y0:y1, x0:x1] += 1.0
+
+    def finish(self, canvas: Any, image_hw: tuple[int, int], keep_probs: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        total, count = canvas
+        h, w = image_hw
+        region = total[:, :h, :w]
+        labels = region.argmax(dim=0).to(self.torch.uint8).cpu().numpy()
+        probs = (region / count[:h, :w]).cpu().numpy() if keep_probs else None
+        return labels, probs
+
+
+class TorchBackend(Backend):
+    """The teacher artifact on a torch device.
+
+    Args:
+        weights_path: `teacher.safetensors`; `teacher.json` must sit beside it (checksum verified on load).
+        device: "cpu", "cuda" or "cuda:N"; None picks CUDA when available.
+        threads: torch intra-op threads on the CPU; None keeps torch's default.
+    """
+
+    name = "torch"
+
+    def __init__(self, weights_path: Path, *, device: str | None = None, threads: int | None = None) -> None:
+        torch = self._torch = _import_torch()
+        from imas_train.checkpoint import load_teacher  # tier 1: imports torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, meta = load_teacher(Path(weights_path), self.device)
+        num_classes = int(meta.model_config["num_classes"])
+        self.info = ModelInfo(
+            path=Path(weights_path),
+            format="teacher",
+            num_classes=num_classes,
+            class_names=tuple(meta.class_names),
+            palette=tuple((int(c[0]), int(c[1]), int(c[2])) for c in meta.palette),
+            window=None,
+            default_window=(meta.window, meta.window),
+            default_stride=(meta.stride, meta.stride),
+            max_batch=None,
+            max_batch_is_hard=False,
+            output_kind="logits",
+            input_dtype="float32",
+            precision="fp32",
+            eval_protocol=meta.eval_protocol,
+        )
+        self.runtime = f"torch {torch.__version__} {self.device}"
+        # Normalisation of 0-1 RGB, applied to 0-255 input: (x/255 - mean)/std = (x - 255 mean)/(255 std).
+        self._mean = torch.tensor(meta.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(meta.std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def run_device(self, batch: np.ndarray) -> Any:
+        torch = self._torch
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, dtype=torch.float32, non_blocking=True)
+        with torch.no_grad():
+            return self.model((x - self._mean) / self._std).float()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_device(batch).cpu().numpy()
+
+    def stitcher(self, *, softmax: bool) -> TorchStitcher:
+        return TorchStitcher(self._torch, self.device, self.info.num_classes, softmax=softmax)
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,194 @@
+"""`imas-infer`: command-line front end of `imas_infer.infer`.
+
+Exit codes: 0 every image processed; 3 some images failed (each reported on stderr, the rest written); 2 unusable
+arguments, inputs or model (argparse errors too); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imas_infer.options import BACKENDS, SAVE_KINDS, InferOptions
+from imas_train.errors import ImasError
+
+EXIT_OK, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+def _size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)(?:[xX,](\d+))?", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    h = int(match.group(1))
+    return h, int(match.group(2) or h)
+
+
+def _save(text: str) -> tuple[str, ...]:
+    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in SAVE_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown output kind(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SAVE_KINDS)}"
+        )
+    return kinds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imas-infer",
+        description="Sliding-window semantic segmentation of images "
+        "with an exported iMAS model (ONNX, TensorRT engine or teacher artifact).",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model.onnx, *.engine/*.plan, or teacher.safetensors")
+    p.add_argument("--input", help="image file, directory (recursive), glob, or .txt list of paths")
+    p.add_argument("--output", type=Path, help="output root; one sub-folder per --save kind, input tree mirrored")
+    p.add_argument("--backend", choices=BACKENDS, help="override the backend chosen from the model file")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's)")
+    g = p.add_argument_group("windows")
+    g.add_argument(
+        "--protocol",
+        choices=("fast", "imas"),
+        default="fast",
+        help="fast: full tiles, overlaps averaged (static-shape friendly); imas: the reference "
+        "(769/512, truncated edge windows, summed softmax; needs a dynamic-size model)",
+    )
+    g.add_argument("--window", type=_size, help="window H[xW] (default: the model's)")
+    g.add_argument("--stride", type=_size, help="stride H[xW] (default: the sidecar's)")
+    g.add_argument("--batch", type=int, help="windows per model call (default: the sidecar's max batch)")
+    g.add_argument("--whole-image", action="store_true", help="one window per image")
+    g.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+    o = p.add_argument_group("outputs")
+    o.add_argument(
+        "--save", type=_save, default=("labels",), help=f"comma list of {', '.join(SAVE_KINDS)} (default: labels)"
+    )
+    o.add_argument("--overlay-alpha", type=float, default=0.5, help="colour weight of overlays (default 0.5)")
+    o.add_argument("--gt", type=Path, help="ground-truth label folder: report mIoU")
+    o.add_argument("--gt-suffix", help="GT name = input stem + suffix (default .png; Cityscapes names automatic)")
+    o.add_argument("--report", type=Path, help="write a JSON report (timings, failures, mIoU)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--threads", type=int, help="intra-op threads of ONNX Runtime / torch")
+    r.add_argument("--readers", type=int, default=2, help="decoding threads (default 2)")
+    r.add_argument("--writers", type=int, default=2, help="writing threads (default 2)")
+    r.add_argument("--prefetch", type=int, default=8, help="decoded images queued ahead (default 8)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--benchmark", action="store_true", help="time the model alone, then the full pipeline")
+    b.add_argument("--iters", type=int, default=20, help="timed model-only iterations (default 20)")
+    b.add_argument("--warmup", type=int, default=3, help="warm-up iterations (default 3)")
+    b.add_argument("--synthetic", nargs=2, metavar=("N", "HxW"), help="benchmark on N random HxW images")
+    return p
+
+
+def options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> InferOptions:
+    synthetic = None
+    if args.synthetic is not None:
+        count, size = args.synthetic
+        if not count.isdigit():
+            parser.error(f"--synthetic N HxW: N must be an integer, got {count!r}")
+        try:
+            synthetic = (int(count), *_size(size))
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"--synthetic N HxW: {err}")
+    return InferOptions(
+        model=args.model,
+        input=args.input,
+        output=args.output,
+        backend=args.backend,
+        device=args.device,
+        protocol=args.protocol,
+        window=args.window,
+        stride=args.stride,
+        batch=args.batch,
+        whole_image=args.whole_image,
+        flip=args.flip,
+        save=args.save,
+        gt=args.gt,
+        gt_suffix=args.gt_suffix,
+        threads=args.threads,
+        readers=args.readers,
+        writers=args.writers,
+        prefetch=args.prefetch,
+        overlay_alpha=args.overlay_alpha,
+        report=args.report,
+        benchmark=args.benchmark,
+        benchmark_iters=args.iters,
+        warmup=args.warmup,
+        synthetic=synthetic,  # type: ignore[arg-type]
+        progress=not args.no_progress,
+    )
+
+
+class _Console:
+    """Prints stage lines to stdout, errors to stderr, and drives an optional tqdm bar."""
+
+    def __init__(self, progress: bool) -> None:
+        self.progress, self.bar = progress, None
+
+    def stage(self, line: str) -> None:
+        print(line, flush=True)
+
+    def start(self, total: int) -> None:
+        if not self.progress:
+            return
+        try:
+            from tqdm import tqdm  # optional and light; no bar without it
+        except ImportError:
+            return
+        self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, disable=None)
+
+    def image(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def error(self, path: str, reason: str) -> None:
+        line = f"imas-infer: skipped {path}: {reason}"
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from imas_infer import InferEvents, infer
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = options_from_args(args, parser)
+    console = _Console(options.progress)
+    events = InferEvents(stage=console.stage, start=console.start, image=console.image, error=console.error)
+    try:
+        result = infer(options, events)
+    except ImasError as err:
+        console.close()
+        print(f"imas-infer: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.close()
+        print("imas-infer: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    console.close()
+    _print_summary(result, options)
+    return EXIT_PARTIAL if result.summary.failures else EXIT_OK
+
+
+def _print_summary(result: Any, options: InferOptions) -> None:
+    for line in result.summary.lines():
+        print(line)
+    if result.evaluation is not None:
+        ev = result.evaluation
+        print(result.evaluation.table(result.class_names))
+        missing = f"; {ev.missing} input(s) had no ground truth" if ev.missing else ""
+        print(f"mIoU: {100 * ev.miou:.2f}% over {ev.images} images{missing}")
+    if options.output is not None:
+        print(f"outputs: {options.output} ({', '.join(options.save)})")
+    if options.report is not None:
+        print(f"report: {options.report}")

@@ -1,0 +1,174 @@
+"""What `imas-infer` is asked to do (`InferOptions`) and how it runs on a given model (`RunSettings`).
+
+The CLI parses its flags into `InferOptions`, so the Python API and the CLI are the same thing. `resolve_settings`
+reconciles the options with the model's sidecar (window, stride, batch, output kind) and refuses, with the reason,
+every combination the model cannot serve. Tier 0: stdlib only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from imas_train.errors import InferError
+
+if TYPE_CHECKING:
+    from imas_infer.backends.base import ModelInfo
+
+BackendName = Literal["ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch"]
+Protocol = Literal["fast", "imas"]
+SaveKind = Literal["labels", "cityscapes-ids", "color", "overlay", "probs"]
+
+BACKENDS: tuple[str, ...] = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch")
+SAVE_KINDS: tuple[str, ...] = ("labels", "cityscapes-ids", "color", "overlay", "probs")
+DEFAULT_WINDOW = 769  # reference validation window (ALGORITHM.md §8); used when a dynamic-HW model records none
+DEFAULT_BATCH = 4  # windows per model call when the sidecar declares no maximum
+CITYSCAPES_NUM_CLASSES = 19
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    """Everything one `imas-infer` run needs; `cli.build_parser` maps each flag to one field."""
+
+    model: Path  # model.onnx, *.engine / *.plan, or teacher.safetensors (+ teacher.json)
+    input: str | None  # file, directory (recursive), glob or .txt list; None only with `synthetic`
+    output: Path | None  # output root; None only with `benchmark` (then nothing is written)
+    backend: BackendName | None = None  # None: chosen from the model file's type
+    device: str | None = None  # "cpu", "cuda" or "cuda:N"; None: the backend's default
+    protocol: Protocol = "fast"  # fast = full tiles averaged; imas = the reference (truncated tiles, summed)
+    window: tuple[int, int] | None = None  # None: the model's (sidecar) window
+    stride: tuple[int, int] | None = None  # None: the sidecar stride
+    batch: int | None = None  # windows per model call; None: the sidecar max batch, else DEFAULT_BATCH
+    whole_image: bool = False  # one window per image (dynamic-HW model, or images no larger than the window)
+    flip: bool = False  # horizontal-flip test-time augmentation (probabilities averaged)
+    save: tuple[SaveKind, ...] = ("labels",)
+    gt: Path | None = None  # ground-truth directory: adds mIoU over all images
+    gt_suffix: str | None = None  # GT file name = <input stem> + suffix (default ".png"; Cityscapes automatic)
+    threads: int | None = None  # intra-op threads of ONNX Runtime / torch; None: the runtime's default
+    readers: int = 2  # decoding threads
+    writers: int = 2  # encoding/writing threads
+    prefetch: int = 8  # decoded images queued ahead of the model (bounds memory)
+    overlay_alpha: float = 0.5  # weight of the colour map in `overlay`
+    report: Path | None = None  # JSON report path
+    benchmark: bool = False  # time the model alone, then the whole pipeline
+    benchmark_iters: int = 20
+    warmup: int = 3
+    synthetic: tuple[int, int, int] | None = None  # (N, H, W): random images instead of `input` (benchmark)
+    progress: bool = True  # tqdm bar when tqdm is installed and stderr is a terminal
+
+    def validate(self) -> None:
+        """Raise InferError for contradictory or out-of-range options (independent of the model)."""
+        if self.input is None and self.synthetic is None:
+            raise InferError("give --input (or --synthetic N HxW together with --benchmark)")
+        if self.input is not None and self.synthetic is not None:
+            raise InferError("--input and --synthetic are mutually exclusive")
+        if self.synthetic is not None and not self.benchmark:
+            raise InferError("--synthetic only makes sense with --benchmark")
+        if self.output is None and not self.benchmark:
+            raise InferError("--output is required (only --benchmark runs may omit it)")
+        if self.gt is not None and self.input is None:
+            raise InferError("--gt needs real --input images")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise InferError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        unknown = [s for s in self.save if s not in SAVE_KINDS]
+        if unknown or not self.save:
+            raise InferError(f"--save takes a comma list of {', '.join(SAVE_KINDS)}; got {','.join(self.save)!r}")
+        if self.whole_image and self.protocol == "imas":
+            raise InferError("--whole-image and --protocol imas are exclusive: whole-image runs one window per image")
+        for name, pair in (("window", self.window), ("stride", self.stride)):
+            if pair is not None and min(pair) < 1:
+                raise InferError(f"--{name} must be positive, got {pair[0]}x{pair[1]}")
+        for name, value in (("batch", self.batch), ("threads", self.threads)):
+            if value is not None and value < 1:
+                raise InferError(f"--{name} must be >= 1, got {value}")
+        if min(self.readers, self.writers, self.prefetch, self.benchmark_iters) < 1 or self.warmup < 0:
+            raise InferError("--readers, --writers, --prefetch and --iters must be >= 1 and --warmup >= 0")
+        if not 0.0 <= self.overlay_alpha <= 1.0:
+            raise InferError(f"--overlay-alpha must be in [0, 1], got {self.overlay_alpha}")
+        if self.synthetic is not None and min(self.synthetic) < 1:
+            raise InferError(f"--synthetic needs N >= 1 and a positive size, got {self.synthetic}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Resolved sliding-window settings of one run."""
+
+    mode: Literal["fast", "imas", "whole"]
+    window: tuple[int, int]  # the sliding window (whole mode: the static model window, or the default)
+    stride: tuple[int, int]
+    batch: int
+    flip: bool
+    softmax: bool  # logits are turned into probabilities before stitching
+    keep_probs: bool  # per-pixel probabilities are returned (the `probs` output)
+
+    def describe(self) -> str:
+        flip = "on" if self.flip else "off"
+        if self.mode == "whole":
+            return f"windows: whole image, batch {self.batch}, flip {flip}"
+        (wh, ww), (sh, sw) = self.window, self.stride
+        return f"windows: {self.mode} protocol, window {wh}x{ww}, stride {sh}x{sw}, batch {self.batch}, flip {flip}"
+
+
+def resolve_settings(options: InferOptions, info: ModelInfo) -> RunSettings:
+    """Combine options with the model's sidecar, refusing what the model cannot do.
+
+    Raises:
+        InferError: naming the model file, the sidecar value and the requested one.
+    """
+    name = info.path.name
+    if options.window is not None and info.window is not None and tuple(options.window) != tuple(info.window):
+        raise InferError(
+            f"{name} has a static {info.window[0]}x{info.window[1]} window (sidecar) but --window "
+            f"{options.window[0]}x{options.window[1]} was requested; drop --window or re-export with that window "
+            "(or with a dynamic height/width)"
+        )
+    if options.protocol == "imas" and info.window is not None:
+        raise InferError(
+            f"--protocol imas needs a model that accepts variable window sizes (the reference truncates edge "
+            f"windows), but {name} has a static {info.window[0]}x{info.window[1]} input; use --protocol fast "
+            "(full tiles), re-export with a dynamic height/width, or run the teacher with --backend torch"
+        )
+    window = options.window or info.window or info.default_window or (DEFAULT_WINDOW, DEFAULT_WINDOW)
+    stride = options.stride or info.default_stride
+    if stride[0] > window[0] or stride[1] > window[1]:
+        raise InferError(
+            f"stride {stride[0]}x{stride[1]} exceeds window {window[0]}x{window[1]}: pixels would be missed"
+        )
+    batch = options.batch or info.max_batch or DEFAULT_BATCH
+    if info.max_batch is not None and info.max_batch_is_hard and batch > info.max_batch:
+        raise InferError(
+            f"--batch {batch} exceeds the maximum batch {info.max_batch} of {name}; use --batch <= "
+            f"{info.max_batch} or rebuild with a larger maximum batch"
+        )
+    mode: Literal["fast", "imas", "whole"] = "whole" if options.whole_image else options.protocol
+    keep_probs = "probs" in options.save
+    if info.output_kind == "labels":
+        _check_labels_model(options, name, mode, window, stride, keep_probs)
+    if "cityscapes-ids" in options.save and info.num_classes != CITYSCAPES_NUM_CLASSES:
+        raise InferError(
+            f"--save cityscapes-ids needs the 19 Cityscapes train ids; {name} has {info.num_classes} classes"
+        )
+    softmax = info.output_kind == "logits" and (mode != "whole" or options.flip or keep_probs)
+    return RunSettings(mode, tuple(window), tuple(stride), batch, options.flip, softmax, keep_probs)  # type: ignore[arg-type]
+
+
+def _check_labels_model(
+    options: InferOptions,
+    name: str,
+    mode: str,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    keep_probs: bool,
+) -> None:
+    hint = "export the model with logits or probs output (imas-export onnx --output-kind logits)"
+    if keep_probs:
+        raise InferError(f"{name} outputs class ids, so --save probs is impossible; {hint}")
+    if options.flip:
+        raise InferError(f"{name} outputs class ids, which cannot be averaged for --flip; {hint}")
+    if mode != "whole" and (stride[0] < window[0] or stride[1] < window[1]):
+        raise InferError(
+            f"{name} outputs class ids, which cannot be stitched where windows overlap (stride "
+            f"{stride[0]}x{stride[1]} < window {window[0]}x{window[1]}); use --whole-image, a stride equal to the "
+            f"window, or {hint}"
+        )

@@ -53,8 +53,17 @@ def add_onnx_parser(subparsers: Any) -> None:
     p.add_argument("--output", type=Path, required=True, help="model.onnx to write")
     p.add_argument("--window", **_pair("fixed input size; default: the teacher's validation window"))
     p.add_argument("--dynamic-hw", action="store_true", help="dynamic height/width as well as batch")
+    p.add_argument(
+        "--image-size",
+        **_pair(
+            "stitched model: whole images of this static size in, the fast (full_tiles) sliding window run "
+            "inside the graph, final labels/probabilities out"
+        ),
+    )
     p.add_argument("--input-dtype", choices=("float32", "uint8"), default="float32")
-    p.add_argument("--output-kind", choices=("logits", "probs", "labels"), default="logits")
+    p.add_argument(
+        "--output-kind", choices=("logits", "probs", "labels"), help="default: labels if stitched, else logits"
+    )
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument("--calib-dir", type=Path, help="int8 calibration images (300+ recommended)")
     p.add_argument(
@@ -63,7 +72,11 @@ def add_onnx_parser(subparsers: Any) -> None:
     p.add_argument("--calib-images", type=int, default=500, help="int8: read at most this many (default 500)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 8.6+, ORT 1.13+)")
     p.add_argument("--simplify", action="store_true", help="ONNX Runtime offline basic graph optimisation")
-    p.add_argument("--max-batch", type=int, default=8, help="declared maximum batch (the ONNX batch is dynamic)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="declared maximum batch, dynamic in the ONNX (default 8 windows; stitched 2 images)",
+    )
     _add_parity_flags(p)
     p.set_defaults(run=_run_onnx)
 
@@ -72,9 +85,10 @@ def add_trt_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("trt", help="model.onnx -> TensorRT engine (+ .json), strongly typed", epilog=EPILOG)
     p.add_argument("--onnx", type=Path, required=True, help="model.onnx (its .json sidecar beside it)")
     p.add_argument("--output", type=Path, required=True, help="engine to write, e.g. model.fp16.engine")
-    p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=4)
-    p.add_argument("--max-batch", type=int, default=8)
+    batch = "profile batch in windows, or in whole images for a stitched ONNX"
+    p.add_argument("--min-batch", type=int, help=f"{batch} (default 1)")
+    p.add_argument("--opt-batch", type=int, help=f"{batch} (default 4; stitched 1)")
+    p.add_argument("--max-batch", type=int, help=f"{batch} (default 8; stitched 2)")
     p.add_argument("--min-hw", **_pair("dynamic-HW ONNX: smallest input"))
     p.add_argument("--opt-hw", **_pair("dynamic-HW ONNX: input size to optimise for"))
     p.add_argument("--max-hw", **_pair("dynamic-HW ONNX: largest input"))
@@ -114,6 +128,7 @@ def _run_onnx(args: argparse.Namespace) -> None:
         output=args.output,
         window=tuple(args.window) if args.window else None,
         dynamic_hw=args.dynamic_hw,
+        image_size=tuple(args.image_size) if args.image_size else None,
         input_dtype=args.input_dtype,
         output_kind=args.output_kind,
         precision=args.precision,
@@ -127,12 +142,20 @@ def _run_onnx(args: argparse.Namespace) -> None:
     )
     result = imas_export.export_onnx(options, on_stage=_print_stage)
     engine = result.path.with_suffix(".engine")
+    size = _benchmark_size(result.meta)
     print("next:")
     print(f"  imas-export verify --teacher {options.teacher} --onnx {result.path}")
-    print(f"  imas-export trt --onnx {result.path} --output {engine} --max-batch {options.max_batch}")
+    print(f"  imas-export trt --onnx {result.path} --output {engine} --max-batch {result.meta.max_batch}")
     print(f"  imas-infer --model {result.path} --input IMAGES --output OUT")
-    print(f"  imas-infer --model {result.path} --benchmark --synthetic 8 1024x2048")
+    print(f"  imas-infer --model {result.path} --benchmark --synthetic 8 {size}")
     print("  python benchmarks/infer.py  # every backend and precision on this machine")
+
+
+def _benchmark_size(meta: Any) -> str:
+    """HxW of the suggested synthetic benchmark: a stitched model's image size, else a Cityscapes frame."""
+    if meta.stitched and meta.image_size:
+        return f"{meta.image_size[0]}x{meta.image_size[1]}"
+    return "1024x2048"
 
 
 def _run_trt(args: argparse.Namespace) -> None:
@@ -155,7 +178,7 @@ def _run_trt(args: argparse.Namespace) -> None:
     print("next:")
     print(f"  imas-export verify --teacher TEACHER.safetensors --onnx {options.onnx} --engine {result.path}")
     print(f"  imas-infer --model {result.path} --input IMAGES --output OUT")
-    print(f"  imas-infer --model {result.path} --benchmark --synthetic 8 1024x2048")
+    print(f"  imas-infer --model {result.path} --benchmark --synthetic 8 {_benchmark_size(result.meta)}")
 
 
 def _run_verify(args: argparse.Namespace) -> None:

@@ -18,7 +18,8 @@ from imas_train.errors import ArtifactError, ExportError
 METADATA_FIELDS = (
     "num_classes", "class_names", "palette", "mean", "std", "input_name", "input_dtype", "input_layout",
     "input_range", "output_name", "output_kind", "output_dtype", "window", "stride", "eval_protocol", "precision",
-    "max_batch", "source_sha256", "opset", "exporter", "versions", "format_version",
+    "max_batch", "source_sha256", "opset", "exporter", "versions", "format_version", "stitched", "image_size",
+    "default_window",
 )  # fmt: skip
 METADATA_PREFIX = "imas."
 
@@ -57,6 +58,19 @@ def check_resize_align_corners(model: onnx.ModelProto) -> int:
                 "the model's interpolate calls must pass align_corners=True"
             )
     return count
+
+
+def declare_output_shape(path: Path, dims: list[int | None]) -> None:
+    """Declare the static sizes of the single graph output in place (None keeps the dimension as it is)."""
+    model = onnx.load(str(path))
+    shape = model.graph.output[0].type.tensor_type.shape
+    if len(shape.dim) != len(dims):
+        raise ExportError(f"output {model.graph.output[0].name} has rank {len(shape.dim)}, expected {len(dims)}")
+    for dim, size in zip(shape.dim, dims, strict=True):
+        if size is not None:
+            dim.Clear()
+            dim.dim_value = size
+    onnx.save(model, str(path))
 
 
 def write_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
@@ -130,7 +144,7 @@ def check_onnx_artifact(path: Path) -> ExportedModelMeta:
         raise ArtifactError(f"{path.name}: sidecar kind is {meta.kind!r}, expected 'onnx'")
     model = onnx.load(str(path), load_external_data=False)
     props = read_metadata(model)
-    for key in ("num_classes", "class_names", "input_name", "output_name", "output_kind", "precision"):
+    for key in ("num_classes", "class_names", "input_name", "output_name", "output_kind", "precision", "stitched"):
         if key in props and props[key] != getattr(meta, key):
             raise ArtifactError(
                 f"{path.name}: sidecar {key}={getattr(meta, key)!r} but the ONNX metadata says {props[key]!r}; "

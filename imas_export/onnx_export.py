@@ -24,17 +24,19 @@ import torch
 import imas_train
 from imas_export.graph import (
     check_resize_align_corners,
+    declare_output_shape,
     ort_runner,
     ort_session,
     set_min_ir_version,
     simplify_with_ort,
     write_metadata,
 )
-from imas_export.options import MIN_CALIBRATION_IMAGES, OnnxExportOptions
-from imas_export.parity import ParityReport, compare, require_passed, run_batched, thresholds, torch_reference
+from imas_export.options import OnnxExportOptions
+from imas_export.parity import ParityReport, compare, require_passed, run_batched, teacher_reference, thresholds
 from imas_export.quantize import convert_to_fp16, quantize_int8
-from imas_export.samples import Samples, demo_samples, list_images, load_files, load_folder
+from imas_export.samples import calibration_samples, parity_samples
 from imas_export.stages import Stage, StageCallback, StageLog
+from imas_export.stitched import STITCHED_OUTPUTS, StitchedWrapper
 from imas_export.wrapper import INPUT_NAME, OUTPUT_NAMES, ExportWrapper, example_input
 from imas_train.artifacts import ExportedModelMeta, atomic_write_bytes, sha256_file, sidecar_path, write_exported_meta
 from imas_train.errors import ExportError
@@ -42,7 +44,6 @@ from imas_train.tiling import default_stride
 
 _log = logging.getLogger(__name__)
 MIN_OPSET = 11  # first opset with Resize align_corners
-DEMO_CALIBRATION_IMAGES = 16  # demo calibration is a smoke test of the pipeline, not a calibration
 
 
 @dataclass(frozen=True)
@@ -61,24 +62,43 @@ def _validate(options: OnnxExportOptions) -> None:
         raise ExportError(f"--opset must be in [{MIN_OPSET}, {onnx.defs.onnx_opset_version()}], got {options.opset}")
     if options.window is not None and min(options.window) < 1:
         raise ExportError(f"--window must be two positive sizes (H W), got {options.window}")
-    if options.max_batch < 1 or options.parity.num_images < 1:
+    if options.resolved_max_batch < 1 or options.parity.num_images < 1:
         raise ExportError("--max-batch and -n/--num-images must be >= 1")
+    if options.image_size is not None:
+        if min(options.image_size) < 1:
+            raise ExportError(f"--image-size must be two positive sizes (H W), got {options.image_size}")
+        if options.dynamic_hw:
+            raise ExportError("--image-size (a stitched model of static size) and --dynamic-hw are exclusive")
+        if options.resolved_output_kind not in STITCHED_OUTPUTS:
+            raise ExportError(
+                "a stitched model (--image-size) outputs labels or probs: the full_tiles protocol averages the "
+                "windows' softmax probabilities, so there are no whole-image logits; use --output-kind labels|probs"
+            )
     if options.output.suffix != ".onnx":
         raise ExportError(f"--output must end in .onnx, got {options.output.name}")
     if options.precision != "int8" and (options.calib_dir is not None or options.eval_dir is not None):
         raise ExportError("--calib-dir/--eval-dir apply to --precision int8 only")
 
 
-def _trace(wrapper: ExportWrapper, path: Path, window: tuple[int, int], options: OnnxExportOptions) -> None:
+def trace(
+    wrapper: torch.nn.Module,
+    path: Path,
+    example_hw: tuple[int, int],
+    *,
+    output_kind: str,
+    input_dtype: str,
+    opset: int,
+    dynamic_hw: bool = False,
+) -> None:
     """Legacy TorchScript exporter (dynamo=False), example batch 2, dynamic batch (and H/W when asked)."""
-    output_name = OUTPUT_NAMES[options.output_kind]
-    spatial_out = (1, 2) if options.output_kind == "labels" else (2, 3)
+    output_name = OUTPUT_NAMES[output_kind]
+    spatial_out = (1, 2) if output_kind == "labels" else (2, 3)
     in_axes: dict[int, str] = {0: "batch"}
     out_axes: dict[int, str] = {0: "batch"}
-    if options.dynamic_hw:
+    if dynamic_hw:
         in_axes.update({2: "height", 3: "width"})
         out_axes.update({spatial_out[0]: "height", spatial_out[1]: "width"})
-    example = example_input(2, window[0], window[1], options.input_dtype)
+    example = example_input(2, example_hw[0], example_hw[1], input_dtype)  # type: ignore[arg-type]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.onnx.export(
@@ -86,7 +106,7 @@ def _trace(wrapper: ExportWrapper, path: Path, window: tuple[int, int], options:
             (example,),
             str(path),
             dynamo=False,  # the TorchScript exporter: no onnxscript needed, mature Resize/align_corners support
-            opset_version=options.opset,
+            opset_version=opset,
             input_names=[INPUT_NAME],
             output_names=[output_name],
             dynamic_axes={INPUT_NAME: in_axes, output_name: out_axes},
@@ -97,54 +117,19 @@ def _trace(wrapper: ExportWrapper, path: Path, window: tuple[int, int], options:
             _log.warning("torch.onnx.export: %s", item.message)
 
 
-def _parity_samples(options: OnnxExportOptions, window: tuple[int, int], class_names: list[str]) -> Samples:
-    p = options.parity
-    if p.images_dir is not None:
-        return load_folder(p.images_dir, window, p.num_images, p.labels_dir)
-    return demo_samples(window, p.num_images, "val", class_names)
+def _stride(options: OnnxExportOptions, teacher_meta: Any, window: tuple[int, int]) -> tuple[int, int]:
+    """The teacher's stride for its own window (or any size, if dynamic); 2/3 of each side of another window."""
+    if not options.dynamic_hw and window != (teacher_meta.window, teacher_meta.window):
+        return default_stride(window[0]), default_stride(window[1])
+    return teacher_meta.stride, teacher_meta.stride
 
 
-def _calibration_samples(
-    options: OnnxExportOptions, window: tuple[int, int], class_names: list[str]
-) -> tuple[Samples, Samples]:
-    """(calibration images, held-out evaluation images) for int8."""
-    p = options.parity
-    if options.calib_dir is None:
-        _log.warning(
-            "int8 without --calib-dir: calibrating on %d DEMO images, whose activation ranges do not match real "
-            "data; the accuracy figures below say nothing about your dataset. Pass --calib-dir with %d+ images",
-            DEMO_CALIBRATION_IMAGES,
-            MIN_CALIBRATION_IMAGES,
-        )
-        calibration = demo_samples(window, DEMO_CALIBRATION_IMAGES, "unlabeled", class_names)
-        return calibration, _parity_samples(options, window, class_names)
-    eval_dir = options.eval_dir or p.images_dir
-    if eval_dir is not None:
-        calibration = load_folder(options.calib_dir, window, options.calib_images)
-        held = load_folder(eval_dir, window, p.num_images, p.labels_dir)
-    else:  # hold out the last 20% of the (sorted) calibration folder
-        files = list_images(options.calib_dir)[: options.calib_images]
-        if len(files) < 2:
-            raise ExportError(f"{options.calib_dir}: int8 needs at least 2 images (calibration + hold-out)")
-        cut = len(files) - max(1, len(files) // 5)
-        calibration = load_files(files[:cut], window, None, str(options.calib_dir))
-        held_files = files[cut:][: p.num_images]  # -n bounds the (CPU) torch reference work
-        held = load_files(held_files, window, p.labels_dir, f"hold-out (last 20%) of {options.calib_dir}")
-    if len(calibration) < MIN_CALIBRATION_IMAGES:
-        _log.warning(
-            "int8 calibration on only %d images (< %d): activation ranges may be noisy; use more images",
-            len(calibration),
-            MIN_CALIBRATION_IMAGES,
-        )
-    return calibration, held
-
-
-def _meta(options: OnnxExportOptions, teacher_meta: Any, window: tuple[int, int], num_classes: int) -> dict[str, Any]:
+def _meta(
+    options: OnnxExportOptions, teacher_meta: Any, window: tuple[int, int], stride: tuple[int, int], num_classes: int
+) -> dict[str, Any]:
     import onnxruntime
 
-    stride = [teacher_meta.stride, teacher_meta.stride]  # validated with the teacher's window (any size if dynamic)
-    if not options.dynamic_hw and window != (teacher_meta.window, teacher_meta.window):
-        stride = [default_stride(w) for w in window]
+    output_kind = options.resolved_output_kind
     return {
         "kind": "onnx",
         "num_classes": num_classes,
@@ -156,14 +141,14 @@ def _meta(options: OnnxExportOptions, teacher_meta: Any, window: tuple[int, int]
         "input_dtype": options.input_dtype,
         "input_layout": "NCHW",
         "input_range": [0.0, 255.0],
-        "output_name": OUTPUT_NAMES[options.output_kind],
-        "output_kind": options.output_kind,
-        "output_dtype": "uint8" if options.output_kind == "labels" else "float32",
+        "output_name": OUTPUT_NAMES[output_kind],
+        "output_kind": output_kind,
+        "output_dtype": "uint8" if output_kind == "labels" else "float32",
         "window": None if options.dynamic_hw else list(window),
-        "stride": stride,
+        "stride": list(stride),
         "eval_protocol": teacher_meta.eval_protocol,
         "precision": options.precision,
-        "max_batch": options.max_batch,
+        "max_batch": options.resolved_max_batch,
         "source_sha256": teacher_meta.weights_sha256,
         "artifact_sha256": "",
         "opset": options.opset,
@@ -175,7 +160,37 @@ def _meta(options: OnnxExportOptions, teacher_meta: Any, window: tuple[int, int]
             "onnxruntime": onnxruntime.__version__,
         },
         "format_version": 1,
+        "stitched": options.stitched,
+        "image_size": list(options.image_size) if options.image_size is not None else None,
+        "default_window": [teacher_meta.window, teacher_meta.window],
     }
+
+
+def _wrap(
+    options: OnnxExportOptions,
+    teacher: torch.nn.Module,
+    teacher_meta: Any,
+    window: tuple[int, int],
+    stride: tuple[int, int],
+) -> tuple[torch.nn.Module, tuple[int, int], str]:
+    """(module to trace, its example H/W, a note for the stage line): a window model or a stitched one."""
+    mean, std, kind = teacher_meta.mean, teacher_meta.std, options.resolved_output_kind
+    if options.image_size is None:
+        return ExportWrapper(teacher, mean, std, kind), window, ""
+    size = (int(options.image_size[0]), int(options.image_size[1]))
+    wrapper = StitchedWrapper(
+        teacher,
+        mean,
+        std,
+        num_classes=len(teacher_meta.class_names),
+        image_size=size,
+        window=window,
+        stride=stride,
+        output_kind=kind,
+    )
+    windows = len(wrapper.plan.windows)
+    plural = "s" * (windows != 1)
+    return wrapper, size, f", stitched {size[0]}x{size[1]}: {windows} window{plural} {window[0]}x{window[1]} in-graph"
 
 
 def export_onnx(options: OnnxExportOptions, on_stage: StageCallback | None = None) -> OnnxExportResult:
@@ -191,33 +206,45 @@ def export_onnx(options: OnnxExportOptions, on_stage: StageCallback | None = Non
     log = StageLog(on_stage)
     teacher, teacher_meta = load_teacher(options.teacher, "cpu")
     num_classes = len(teacher_meta.class_names)
-    if options.output_kind == "labels" and num_classes > 256:
+    output_kind = options.resolved_output_kind
+    if output_kind == "labels" and num_classes > 256:
         raise ExportError(f"--output-kind labels stores uint8 class ids; this model has {num_classes} classes")
     window = options.window or (teacher_meta.window, teacher_meta.window)
+    stride = _stride(options, teacher_meta, window)
     log.done("load", options.teacher, note=f"{num_classes} classes, sha256 verified")
     options.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{options.output.name}.", dir=options.output.parent) as tmp:
         work = Path(tmp)
         current = work / "fp32.onnx"
-        wrapper = ExportWrapper(teacher, teacher_meta.mean, teacher_meta.std, options.output_kind)
-        _trace(wrapper, current, window, options)
+        wrapper, input_hw, note = _wrap(options, teacher, teacher_meta, window, stride)
+        trace(
+            wrapper,
+            current,
+            input_hw,
+            output_kind=output_kind,
+            input_dtype=options.input_dtype,
+            opset=options.opset,
+            dynamic_hw=options.dynamic_hw,
+        )
+        if options.stitched:  # the exporter leaves the output's sizes symbolic; they are static here
+            declare_output_shape(current, [None, *([] if output_kind == "labels" else [num_classes]), *input_hw])
         resize_count = check_resize_align_corners(onnx.load(str(current)))
-        log.done("export", current, note=f"opset {options.opset}, {resize_count} Resize align_corners")
+        log.done("export", current, note=f"opset {options.opset}, {resize_count} Resize align_corners{note}")
         if options.simplify:
             simplify_with_ort(current, work / "simplified.onnx")
             current = work / "simplified.onnx"
             log.done("simplify", current, note="onnxruntime basic optimisation")
         if options.precision == "int8":
-            calibration, samples = _calibration_samples(options, window, teacher_meta.class_names)
+            calibration, samples = calibration_samples(options, input_hw, teacher_meta.class_names)
             quantize_int8(current, work / "int8.onnx", calibration, options.input_dtype, work)
             current = work / "int8.onnx"
             log.done("int8", current, note=f"calibrated on {len(calibration)} images ({calibration.source})")
         else:
-            samples = _parity_samples(options, window, teacher_meta.class_names)
+            samples = parity_samples(options, input_hw, teacher_meta.class_names)
         model = onnx.load(str(current))
         if options.precision == "fp16":
             model = convert_to_fp16(model)
-        meta = _meta(options, teacher_meta, window, num_classes)
+        meta = _meta(options, teacher_meta, window, stride, num_classes)
         write_metadata(model, meta)
         set_min_ir_version(model)
         onnx.checker.check_model(model)
@@ -228,18 +255,27 @@ def export_onnx(options: OnnxExportOptions, on_stage: StageCallback | None = Non
 
         min_agreement, max_abs = thresholds(options.precision, options.parity)
         session = ort_session(final, options.parity.provider)
-        output = run_batched(ort_runner(session, options.input_dtype), samples.images, options.max_batch)
-        reference = torch_reference(teacher, teacher_meta.mean, teacher_meta.std, samples.images)
+        runner = ort_runner(session, options.input_dtype)
+        output = run_batched(runner, samples.images, options.resolved_max_batch)
+        reference, reference_kind = teacher_reference(
+            teacher,
+            teacher_meta.mean,
+            teacher_meta.std,
+            samples.images,
+            num_classes=num_classes,
+            stitch=(window, stride) if options.stitched else None,
+        )
         report = compare(
             reference,
             output,
-            options.output_kind,
+            output_kind,
             backend=f"onnxruntime-{options.parity.provider}",
             precision=options.precision,
             source=samples.source,
             min_agreement=min_agreement,
             max_abs_limit=max_abs,
             labels=samples.labels,
+            reference_kind=reference_kind,
         )
         log.done("parity", note=report.line())
         require_passed(report, options.output)

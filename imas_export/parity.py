@@ -1,7 +1,8 @@
 """Parity of an exported model with the PyTorch teacher: max/mean absolute difference, argmax agreement, mIoU.
 
 The reference is always the teacher in float32 PyTorch on the same raw pixels, normalised exactly as the graph does
-(`ExportWrapper`). Reduced-precision models are judged against it too, so "agreement" is the accuracy cost of fp16
+(`ExportWrapper`); for stitched models, the teacher run through the torch `full_tiles` sliding window at the same
+image size. Reduced-precision models are judged against it too, so "agreement" is the accuracy cost of fp16
 or int8 relative to the model that was trained.
 """
 
@@ -11,17 +12,19 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from imas_export.options import DEFAULT_MAX_ABS, DEFAULT_MIN_AGREEMENT, OutputKind, ParityOptions
+from imas_export.stitched import sliding_reference
 from imas_export.wrapper import ExportWrapper
 from imas_train.errors import DataError, ExportError
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) uint8 raw RGB -> the model's output for them
+ReferenceKind = Literal["logits", "probs"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,23 @@ def torch_reference(teacher: nn.Module, mean: list[float], std: list[float], ima
     return np.concatenate(outs)
 
 
+def teacher_reference(
+    teacher: nn.Module,
+    mean: list[float],
+    std: list[float],
+    images: np.ndarray,
+    *,
+    num_classes: int,
+    stitch: tuple[tuple[int, int], tuple[int, int]] | None = None,
+) -> tuple[np.ndarray, ReferenceKind]:
+    """The teacher's output to judge an export by: (logits, "logits") of each image, or for a stitched model
+    (`stitch` = (window, stride)) the averaged probabilities of the torch full_tiles sliding window, "probs"."""
+    if stitch is None:
+        return torch_reference(teacher, mean, std, images), "logits"
+    window, stride = stitch
+    return sliding_reference(teacher, mean, std, images, num_classes, window, stride), "probs"
+
+
 def run_batched(runner: Runner, images: np.ndarray, batch: int) -> np.ndarray:
     """Apply `runner` in chunks of at most `batch` images and concatenate."""
     return np.concatenate([runner(images[i : i + batch]) for i in range(0, images.shape[0], batch)])
@@ -117,8 +137,15 @@ def compare(
     min_agreement: float,
     max_abs_limit: float | None,
     labels: np.ndarray | None = None,
+    reference_kind: ReferenceKind = "logits",
 ) -> ParityReport:
-    """Compare a backend's `output` of kind `output_kind` with the teacher's logits on the same images."""
+    """Compare a backend's `output` of kind `output_kind` with the teacher's on the same images.
+
+    The reference is the teacher's logits, or its probabilities (`reference_kind` "probs": the averaged sliding
+    window of a stitched model, which a `probs` output is compared with directly).
+    """
+    if reference_kind == "probs" and output_kind == "logits":
+        raise ExportError(f"{backend}: logits output cannot be compared with a probability reference")
     ref = reference_logits.astype(np.float32)
     if output_kind == "labels":
         pred = output.astype(np.int64)
@@ -127,7 +154,7 @@ def compare(
         out = output.astype(np.float32)
         if out.shape != ref.shape:
             raise ExportError(f"{backend}: output shape {out.shape} differs from the teacher's {ref.shape}")
-        if output_kind == "probs":
+        if output_kind == "probs" and reference_kind == "logits":
             ref = torch.softmax(torch.from_numpy(ref), dim=1).numpy()
         diff = np.abs(out - ref)
         max_abs, mean_abs = float(diff.max()), float(diff.mean())

@@ -5,7 +5,9 @@ FP16: every float32 initializer, constant and computation becomes float16, excep
   arrays as for fp32;
 * shape arithmetic: Resize's `roi`/`scales`/`sizes` inputs and everything computing them (the spec requires
   float `scales`, and a size computed in fp16 could round to another pixel count);
-* Softmax, kept in float32 so probabilities sum to one accurately.
+* Softmax and Exp (a written-out softmax), kept in float32 so probabilities sum to one accurately (fp16 Exp
+  overflows above 11.1), and everything computed from their outputs (the in-graph accumulation and division of a
+  stitched model), so averaged probabilities keep float32 precision.
 TensorRT builds such a graph as-is in strongly typed mode (no BuilderFlag.FP16, which TensorRT 11 removed);
 ONNX Runtime's CPU provider runs it too, inserting its own casts around ops that lack fp16 kernels.
 
@@ -32,7 +34,7 @@ _log = logging.getLogger(__name__)
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP32_INPUTS = {"Resize": (1, 2)}  # input positions that must stay float32 (roi, scales)
 SHAPE_ONLY_OPS = {"Shape", "Size"}  # read only the shape of their input: never cast it
-FP32_OPS = {"Softmax"}  # computed in float32 on purpose
+FP32_OPS = {"Softmax", "Exp"}  # computed in float32 on purpose (fp16 Exp overflows above 11.1)
 INTEGER_TYPES = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8}
 FP16_MAX = 65504.0
 
@@ -52,14 +54,30 @@ def _float_types(model: onnx.ModelProto) -> dict[str, int]:
     return elem
 
 
+def _downstream(graph: onnx.GraphProto, start: set[int]) -> set[int]:
+    """`start` and every node that consumes, directly or not, an output of a node in `start`."""
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    seen, stack = set(start), list(start)
+    while stack:
+        for out in graph.node[stack.pop()].output:
+            for j in consumers.get(out, []):
+                if j not in seen:
+                    seen.add(j)
+                    stack.append(j)
+    return seen
+
+
 def _fp32_cone(graph: onnx.GraphProto, elem: dict[str, int]) -> set[int]:
-    """Indices of nodes that must compute in float32: Softmax, and every float producer of shape arithmetic.
+    """Indices of nodes that must compute in float32: Softmax and all after it, and float producers of shape math.
 
     Shape arithmetic is whatever feeds Resize roi/scales/sizes or a float -> integer Cast; the walk goes back
     through integer nodes too and stops at Shape/Size, whose data input is the feature map itself.
     """
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    keep = {i for i, node in enumerate(graph.node) if node.op_type in FP32_OPS}
+    keep = _downstream(graph, {i for i, node in enumerate(graph.node) if node.op_type in FP32_OPS})
     stack = [n.input[k] for n in graph.node if n.op_type == "Resize" for k in (1, 2, 3) if k < len(n.input)]
     for node in graph.node:
         to = next((a.i for a in node.attribute if a.name == "to"), None)

@@ -1,12 +1,14 @@
 """Real-looking images for parity checks and int8 calibration: a folder of photos, or the procedural demo set.
 
-Images come back as raw RGB uint8 (N, 3, H, W) at exactly the window size: an image at least as large as the
-window is centre-cropped at native resolution (what a sliding window sees); a smaller one is first resized up
-(bilinear; labels nearest) so it covers the window. Labels are uint8 (N, H, W), 255 = ignore.
+Images come back as raw RGB uint8 (N, 3, H, W) at exactly the window size (for stitched models: the image size):
+an image at least as large as the window is centre-cropped at native resolution (what a sliding window sees); a
+smaller one is first resized up (bilinear; labels nearest) so it covers the window. Labels are uint8 (N, H, W),
+255 = ignore.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imas_export.options import MIN_CALIBRATION_IMAGES, OnnxExportOptions
 from imas_train.classes import DEMO_CLASSES
-from imas_train.errors import DataError
+from imas_train.errors import DataError, ExportError
 
+_log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEMO_CALIBRATION_IMAGES = 16  # demo calibration is a smoke test of the pipeline, not a calibration
 
 
 @dataclass(frozen=True)
@@ -116,3 +121,46 @@ def demo_samples(
     names = [f"demo-{split}-{i:04d}" for i in range(count)]
     known = tuple(class_names) == tuple(DEMO_CLASSES)
     return Samples(np.stack(images), np.stack(labels) if known else None, names, f"demo:{split}")
+
+
+def parity_samples(options: OnnxExportOptions, window: tuple[int, int], class_names: list[str]) -> Samples:
+    """The parity images at `window` (H, W): --images when given, else the demo validation set."""
+    p = options.parity
+    if p.images_dir is not None:
+        return load_folder(p.images_dir, window, p.num_images, p.labels_dir)
+    return demo_samples(window, p.num_images, "val", class_names)
+
+
+def calibration_samples(
+    options: OnnxExportOptions, window: tuple[int, int], class_names: list[str]
+) -> tuple[Samples, Samples]:
+    """(calibration images, held-out evaluation images) for int8, at `window` (H, W: whole images if stitched)."""
+    p = options.parity
+    if options.calib_dir is None:
+        _log.warning(
+            "int8 without --calib-dir: calibrating on %d DEMO images, whose activation ranges do not match real "
+            "data; the accuracy figures below say nothing about your dataset. Pass --calib-dir with %d+ images",
+            DEMO_CALIBRATION_IMAGES,
+            MIN_CALIBRATION_IMAGES,
+        )
+        calibration = demo_samples(window, DEMO_CALIBRATION_IMAGES, "unlabeled", class_names)
+        return calibration, parity_samples(options, window, class_names)
+    eval_dir = options.eval_dir or p.images_dir
+    if eval_dir is not None:
+        calibration = load_folder(options.calib_dir, window, options.calib_images)
+        held = load_folder(eval_dir, window, p.num_images, p.labels_dir)
+    else:  # hold out the last 20% of the (sorted) calibration folder
+        files = list_images(options.calib_dir)[: options.calib_images]
+        if len(files) < 2:
+            raise ExportError(f"{options.calib_dir}: int8 needs at least 2 images (calibration + hold-out)")
+        cut = len(files) - max(1, len(files) // 5)
+        calibration = load_files(files[:cut], window, None, str(options.calib_dir))
+        held_files = files[cut:][: p.num_images]  # -n bounds the (CPU) torch reference work
+        held = load_files(held_files, window, p.labels_dir, f"hold-out (last 20%) of {options.calib_dir}")
+    if len(calibration) < MIN_CALIBRATION_IMAGES:
+        _log.warning(
+            "int8 calibration on only %d images (< %d): activation ranges may be noisy; use more images",
+            len(calibration),
+            MIN_CALIBRATION_IMAGES,
+        )
+    return calibration, held

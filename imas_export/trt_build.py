@@ -3,7 +3,8 @@
 The network is strongly typed: precision comes from the ONNX itself (an fp16 graph, or int8 Q/DQ), never from
 BuilderFlag.FP16/INT8 (removed in TensorRT 11). Every choice that depends on the TensorRT version lives in
 `build_plan`, a pure function of the version string. The engine is written as the raw plan (never prefixed), with
-a sidecar that copies the ONNX model fields and adds the build facts.
+a sidecar that copies the ONNX model fields and adds the build facts. A stitched ONNX (whole images, sliding
+window in the graph) has a static H, W: its profile ranges over the number of images only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from imas_export.cuda_info import GpuInfo, gpu_info
 from imas_export.graph import check_onnx_artifact
-from imas_export.options import EngineOptions
+from imas_export.options import DEFAULT_ENGINE_BATCH, EngineOptions
 from imas_export.stages import Stage, StageCallback, StageLog
 from imas_train.artifacts import ExportedModelMeta, atomic_write_bytes, sha256_file, sidecar_path, write_exported_meta
 from imas_train.errors import ExportError
@@ -78,23 +79,35 @@ def build_plan(trt_version: str, *, version_compatible: bool, hardware_compat: s
     }
 
 
+def profile_batches(meta: ExportedModelMeta, options: EngineOptions) -> tuple[int, int, int]:
+    """(min, opt, max) batch of the profile: the options, else DEFAULT_ENGINE_BATCH (whole images if stitched)."""
+    defaults = DEFAULT_ENGINE_BATCH["stitched" if meta.stitched else "window"]
+    given = (options.min_batch, options.opt_batch, options.max_batch)
+    lo, opt, hi = (d if v is None else v for v, d in zip(given, defaults, strict=True))
+    if not 1 <= lo <= opt <= hi:
+        raise ExportError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {lo}/{opt}/{hi}")
+    return lo, opt, hi
+
+
 def profile_shapes(meta: ExportedModelMeta, options: EngineOptions) -> dict[str, list[int]]:
-    """Min/opt/max input shapes (N, 3, H, W) of the single optimisation profile."""
-    if not 1 <= options.min_batch <= options.opt_batch <= options.max_batch:
-        raise ExportError(
-            f"batch sizes must satisfy 1 <= min <= opt <= max, got {options.min_batch}/{options.opt_batch}/"
-            f"{options.max_batch}"
-        )
-    hws = (options.min_hw, options.opt_hw, options.max_hw)
-    if meta.window is not None:
-        if any(hw is not None and tuple(hw) != tuple(meta.window) for hw in hws):
+    """Min/opt/max input shapes (N, 3, H, W) of the single optimisation profile.
+
+    A stitched ONNX has a static whole-image H, W and a dynamic N of images: only the batch varies.
+    """
+    batches = profile_batches(meta, options)
+    given = (options.min_hw, options.opt_hw, options.max_hw)
+    static = meta.input_size
+    if static is not None:
+        if any(hw is not None and tuple(hw) != tuple(static) for hw in given):
+            what = "stitched for whole images of" if meta.stitched else "a fixed"
+            raise ExportError(f"{options.onnx.name} has {what} {static[0]}x{static[1]} input; drop --min/opt/max-hw")
+        hws = [(int(static[0]), int(static[1]))] * 3
+    else:
+        hws = [hw for hw in given if hw is not None]
+        if len(hws) != 3:
             raise ExportError(
-                f"{options.onnx.name} has a fixed {meta.window[0]}x{meta.window[1]} window; drop --min/opt/max-hw"
+                f"{options.onnx.name} has dynamic height/width: pass --min-hw, --opt-hw and --max-hw (H W)"
             )
-        hws = (tuple(meta.window),) * 3
-    elif any(hw is None for hw in hws):
-        raise ExportError(f"{options.onnx.name} has dynamic height/width: pass --min-hw, --opt-hw and --max-hw (H W)")
-    batches = (options.min_batch, options.opt_batch, options.max_batch)
     shapes = {
         key: [n, 3, int(hw[0]), int(hw[1])] for key, n, hw in zip(("min", "opt", "max"), batches, hws, strict=True)
     }
@@ -175,7 +188,8 @@ def build_engine(options: EngineOptions, on_stage: StageCallback | None = None) 
     onnx_meta = check_onnx_artifact(options.onnx)
     shapes = profile_shapes(onnx_meta, options)
     trtexec = trtexec_command(options, onnx_meta.input_name, shapes)
-    log.done("check", options.onnx, note=f"sha256 verified, {onnx_meta.precision}")
+    stitched = f", stitched {shapes['opt'][2]}x{shapes['opt'][3]} (batch = images)" if onnx_meta.stitched else ""
+    log.done("check", options.onnx, note=f"sha256 verified, {onnx_meta.precision}{stitched}")
     trt = _import_tensorrt(trtexec)
     gpu = _gpu_or_raise(trtexec)
     plan = build_plan(
@@ -237,7 +251,7 @@ def build_engine(options: EngineOptions, on_stage: StageCallback | None = None) 
         onnx_meta,
         kind="tensorrt",
         artifact_sha256=sha256_file(options.output),
-        max_batch=options.max_batch,
+        max_batch=shapes["max"][0],
         tensorrt=tensorrt,
     )
     sidecar = write_exported_meta(options.output, meta)

@@ -17,7 +17,7 @@ import numpy as np
 from imas_export.cuda_info import gpu_info
 from imas_export.graph import check_onnx_artifact, ort_runner, ort_session
 from imas_export.options import VerifyOptions
-from imas_export.parity import ParityReport, Runner, compare, require_passed, run_batched, thresholds, torch_reference
+from imas_export.parity import ParityReport, Runner, compare, require_passed, run_batched, teacher_reference, thresholds
 from imas_export.samples import Samples, demo_samples, load_folder
 from imas_export.stages import Stage, StageCallback, StageLog
 from imas_train.artifacts import ExportedModelMeta, TeacherMeta, read_exported_meta
@@ -65,9 +65,10 @@ def _tensorrt_runner(engine: Path, meta: ExportedModelMeta) -> tuple[Runner | No
 def _window(
     onnx_meta: ExportedModelMeta, engine_meta: ExportedModelMeta | None, teacher: TeacherMeta
 ) -> tuple[int, int]:
-    """The static window, else the engine profile's optimal size, else the teacher's validation window."""
-    if onnx_meta.window:
-        return int(onnx_meta.window[0]), int(onnx_meta.window[1])
+    """The static input (window, or whole image if stitched), else the engine profile's optimal size, else the
+    teacher's validation window."""
+    if onnx_meta.input_size:
+        return int(onnx_meta.input_size[0]), int(onnx_meta.input_size[1])
     profiles = engine_meta.tensorrt.get("profiles") if engine_meta is not None else None
     if profiles:
         opt = profiles[0][engine_meta.input_name]["opt"]  # type: ignore[union-attr]
@@ -103,8 +104,19 @@ def verify(options: VerifyOptions, on_stage: StageCallback | None = None) -> Ver
         if p.images_dir is not None
         else demo_samples(window, p.num_images, "val", teacher_meta.class_names)
     )
-    reference = torch_reference(teacher, teacher_meta.mean, teacher_meta.std, samples.images)
-    log.done("torch", note=f"{len(samples)} images from {samples.source}")
+    stitch = None
+    if onnx_meta.stitched and onnx_meta.window is not None:
+        stitch = (tuple(onnx_meta.window), tuple(onnx_meta.stride))
+    reference, reference_kind = teacher_reference(
+        teacher,
+        teacher_meta.mean,
+        teacher_meta.std,
+        samples.images,
+        num_classes=onnx_meta.num_classes,
+        stitch=stitch,  # type: ignore[arg-type]
+    )
+    note = ", full_tiles sliding window (stitched model)" if stitch else ""
+    log.done("torch", note=f"{len(samples)} images from {samples.source}{note}")
 
     candidates: list[tuple[str, ExportedModelMeta, Runner, Path]] = []
     session = ort_session(options.onnx, p.provider)
@@ -136,6 +148,7 @@ def verify(options: VerifyOptions, on_stage: StageCallback | None = None) -> Ver
                 min_agreement=min_agreement,
                 max_abs_limit=max_abs,
                 labels=samples.labels,
+                reference_kind=reference_kind,
             )
             reports.append((report, path))
             log.done("compare", path, note=report.line())

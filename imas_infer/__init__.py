@@ -105,10 +105,11 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
             batch, window, seconds = benchmark_model(
                 be, settings, iterations=options.benchmark_iters, warmup=options.warmup
             )
-            bench = report["benchmark_model"] = model_benchmark_dict(batch, window, seconds)
+            unit = "images" if be.info.stitched else "windows"
+            bench = report["benchmark_model"] = model_benchmark_dict(batch, window, seconds, unit)
             ev.stage(
                 f"benchmark: model alone {bench['ms_per_batch']['mean']:.1f} ms per batch of {batch} "
-                f"{window[0]}x{window[1]} windows ({bench['windows_per_s']:.1f} windows/s, "
+                f"{window[0]}x{window[1]} {unit} ({bench[f'{unit}_per_s']:.1f} {unit}/s, "
                 f"{len(seconds)} iterations after {options.warmup} warm-up)"
             )
         outputs = OutputSpec(options.output, tuple(options.save), be.info.palette, options.overlay_alpha)

@@ -39,7 +39,7 @@ class InferOptions:
     protocol: Protocol = "fast"  # fast = full tiles averaged; imas = the reference (truncated tiles, summed)
     window: tuple[int, int] | None = None  # None: the model's (sidecar) window
     stride: tuple[int, int] | None = None  # None: the sidecar stride
-    batch: int | None = None  # windows per model call; None: the sidecar max batch, else DEFAULT_BATCH
+    batch: int | None = None  # windows (whole images for a stitched model) per model call; None: the sidecar max batch
     whole_image: bool = False  # one window per image (dynamic-HW model, or images no larger than the window)
     flip: bool = False  # horizontal-flip test-time augmentation (probabilities averaged)
     save: tuple[SaveKind, ...] = ("labels",)
@@ -94,10 +94,10 @@ class InferOptions:
 class RunSettings:
     """Resolved sliding-window settings of one run."""
 
-    mode: Literal["fast", "imas", "whole"]
+    mode: Literal["fast", "imas", "whole", "stitched"]  # stitched: the model runs the windows itself
     window: tuple[int, int]  # the sliding window (whole mode: the static model window, or the default)
     stride: tuple[int, int]
-    batch: int
+    batch: int  # windows per model call; whole images for a stitched model
     flip: bool
     softmax: bool  # logits are turned into probabilities before stitching
     keep_probs: bool  # per-pixel probabilities are returned (the `probs` output)
@@ -106,6 +106,12 @@ class RunSettings:
         flip = "on" if self.flip else "off"
         if self.mode == "whole":
             return f"windows: whole image, batch {self.batch}, flip {flip}"
+        if self.mode == "stitched":
+            (wh, ww), (sh, sw) = self.window, self.stride
+            return (
+                f"windows: in the model (fast protocol, window {wh}x{ww}, stride {sh}x{sw}), batch {self.batch} "
+                f"images, flip {flip}"
+            )
         (wh, ww), (sh, sw) = self.window, self.stride
         return f"windows: {self.mode} protocol, window {wh}x{ww}, stride {sh}x{sw}, batch {self.batch}, flip {flip}"
 
@@ -117,6 +123,8 @@ def resolve_settings(options: InferOptions, info: ModelInfo) -> RunSettings:
         InferError: naming the model file, the sidecar value and the requested one.
     """
     name = info.path.name
+    if info.stitched:
+        return _stitched_settings(options, info)
     if options.window is not None and info.window is not None and tuple(options.window) != tuple(info.window):
         raise InferError(
             f"{name} has a static {info.window[0]}x{info.window[1]} window (sidecar) but --window "
@@ -172,3 +180,42 @@ def _check_labels_model(
             f"{stride[0]}x{stride[1]} < window {window[0]}x{window[1]}); use --whole-image, a stride equal to the "
             f"window, or {hint}"
         )
+
+
+def _stitched_settings(options: InferOptions, info: ModelInfo) -> RunSettings:
+    """Settings for a stitched model: whole images per call; the windows are fixed inside its graph."""
+    name, (h, w) = info.path.name, info.image_size or (0, 0)
+    window = info.window or (h, w)
+    stitched = f"{name} is stitched: it runs the fast sliding window ({window[0]}x{window[1]}) on whole {h}x{w} images"
+    if options.protocol == "imas":
+        raise InferError(
+            f"--protocol imas is not available: {stitched}; use a window export with dynamic height/width "
+            "(imas-export onnx --dynamic-hw) or --backend torch with the teacher"
+        )
+    if options.whole_image:
+        raise InferError(f"--whole-image does not apply: {stitched} already; drop it")
+    stride = (int(info.default_stride[0]), int(info.default_stride[1]))
+    for flag, asked, fixed in (("window", options.window, window), ("stride", options.stride, stride)):
+        if asked is not None and tuple(asked) != tuple(fixed):
+            raise InferError(
+                f"--{flag} {asked[0]}x{asked[1]}: {stitched}, and its {flag} {fixed[0]}x{fixed[1]} was fixed at "
+                f"export; drop --{flag}, or re-export (imas-export onnx --window H W --image-size H W)"
+            )
+    batch = options.batch or info.max_batch or 1
+    if info.max_batch is not None and info.max_batch_is_hard and batch > info.max_batch:
+        raise InferError(
+            f"--batch {batch} exceeds the maximum of {info.max_batch} images per call of {name}; use --batch <= "
+            f"{info.max_batch} or rebuild with a larger --max-batch"
+        )
+    keep_probs = "probs" in options.save
+    if info.output_kind == "labels" and (keep_probs or options.flip):
+        what = "--save probs" if keep_probs else "--flip (which averages probabilities)"
+        raise InferError(
+            f"{name} outputs final class ids, so {what} is impossible; re-export it with "
+            "--output-kind probs (imas-export onnx --image-size ... --output-kind probs)"
+        )
+    if "cityscapes-ids" in options.save and info.num_classes != CITYSCAPES_NUM_CLASSES:
+        raise InferError(
+            f"--save cityscapes-ids needs the 19 Cityscapes train ids; {name} has {info.num_classes} classes"
+        )
+    return RunSettings("stitched", (int(window[0]), int(window[1])), stride, batch, options.flip, False, keep_probs)

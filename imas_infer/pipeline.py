@@ -7,6 +7,10 @@ Both queues are bounded, so memory stays flat over any number of images; the mod
 thread (CUDA contexts and ONNX Runtime sessions stay on one thread). A file that cannot be decoded or written is a
 failure of that image only: it is reported through `on_error` and the run goes on. Anything else (the model
 failing, options the model cannot serve) raises. Tier 0 + numpy + Pillow.
+
+A stitched model (sliding window inside the graph) skips planning and stitching: whole images are batched, up to
+`settings.batch` per call, and the model's output is the result. An image of another size than the model's is a
+failure of that image.
 """
 
 from __future__ import annotations
@@ -28,14 +32,12 @@ from imas_infer.backends.base import Backend
 from imas_infer.evaluate import Evaluator
 from imas_infer.image_io import InputItem
 from imas_infer.options import RunSettings
+from imas_infer.outputs import OutputSpec, write_outputs
 from imas_infer.report import RunSummary, Timings
 from imas_infer.stitch import Batcher, ImageJob, Task, fill_batch, pad_image, plan_image, windows_overlap
-from imas_train.classes import CITYSCAPES_TRAIN_TO_LABEL_ID
+from imas_infer.whole_images import WholeImageBatches
 from imas_train.config import PAD_RGB
 from imas_train.errors import InferError
-
-_CITYSCAPES_IDS = np.zeros(256, dtype=np.uint8)  # train id -> label id; 255 (and anything unmapped) -> 0
-_CITYSCAPES_IDS[: len(CITYSCAPES_TRAIN_TO_LABEL_ID)] = CITYSCAPES_TRAIN_TO_LABEL_ID
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,6 @@ def load_image(item: InputItem | SyntheticItem) -> np.ndarray:
         rng = np.random.default_rng(item.index)
         return rng.integers(0, 256, size=(item.height, item.width, 3), dtype=np.uint8)
     return image_io.read_rgb(item.path)
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """What to write and where; `root` None writes nothing (benchmarks)."""
-
-    root: Path | None
-    kinds: tuple[str, ...]
-    palette: tuple[tuple[int, int, int], ...]
-    overlay_alpha: float = 0.5
 
 
 class _Run:
@@ -99,6 +91,7 @@ class _Run:
         self.succeeded = 0
         self.lock = threading.Lock()
         self.palette = image_io.palette_table(outputs.palette)
+        self.whole = WholeImageBatches(backend, settings, self.timings) if settings.mode == "stitched" else None
 
     def fail(self, path: Path, reason: str) -> None:
         with self.lock:
@@ -109,6 +102,9 @@ class _Run:
             self.on_image()
 
     def admit(self, index: int, item: Any, image: np.ndarray, started: float) -> None:
+        if self.settings.mode == "stitched":
+            self.admit_whole(index, item, image, started)
+            return
         t0 = time.perf_counter()
         h, w = image.shape[:2]
         s = self.settings
@@ -176,12 +172,32 @@ class _Run:
         self.timings.add("stitch", time.perf_counter() - t0)
         del self.inflight[job.index]
         job.canvas = job.image = None  # type: ignore[assignment]  # free the accumulators now
+        self.submit(job.index, job.payload, labels, probs)
+
+    def submit(self, index: int, payload: Any, labels: np.ndarray, probs: np.ndarray | None) -> None:
         self.slots.acquire()  # blocks while the writers are `write_slots` images behind
         try:
-            self.writers.submit(self._write, job.index, job.payload, labels, probs)
+            self.writers.submit(self._write, index, payload, labels, probs)
         except BaseException:
             self.slots.release()
             raise
+
+    def admit_whole(self, index: int, item: Any, image: np.ndarray, started: float) -> None:
+        """Queue a whole image for a stitched model (a full batch runs at once); a wrong size fails the image."""
+        assert self.whole is not None
+        reason = self.whole.refusal(image)
+        if reason is not None:
+            self.fail(item.path, reason)
+            return
+        for done in self.whole.add(index, (item, image, started), image):
+            self.submit(*done)
+
+    def flush(self) -> None:
+        """Run every partial batch (windows, or queued whole images)."""
+        for batch in self.batcher.drain():
+            self.execute(batch)
+        for done in self.whole.flush() if self.whole is not None else []:
+            self.submit(*done)
 
     def _write(
         self, index: int, payload: tuple[Any, np.ndarray, float], labels: np.ndarray, probs: np.ndarray | None
@@ -190,7 +206,7 @@ class _Run:
         try:
             t0 = time.perf_counter()
             if self.outputs.root is not None:
-                self._write_outputs(item.rel, image, labels, probs)
+                write_outputs(self.outputs, self.palette, item.rel, image, labels, probs)
             t1 = time.perf_counter()
             self.timings.add("write", t1 - t0)
             if self.evaluator is not None:
@@ -206,23 +222,6 @@ class _Run:
             self.fail(item.path, f"{type(err).__name__}: {err}" if not isinstance(err, InferError) else str(err))
         finally:
             self.slots.release()
-
-    def _write_outputs(self, rel: Path, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None) -> None:
-        root, kinds = self.outputs.root, self.outputs.kinds
-        assert root is not None
-        color = image_io.colorize(labels, self.palette) if {"color", "overlay"} & set(kinds) else None
-        for kind in kinds:
-            path = image_io.output_path(root, kind, rel)
-            if kind == "labels":
-                image_io.write_png(path, labels)
-            elif kind == "cityscapes-ids":
-                image_io.write_png(path, _CITYSCAPES_IDS[labels])
-            elif kind == "color":
-                image_io.write_png(path, color)
-            elif kind == "overlay":
-                image_io.write_jpeg(path, image_io.blend(image, color, self.outputs.overlay_alpha))
-            elif kind == "probs" and probs is not None:
-                image_io.write_npy(path, probs.astype(np.float16))
 
 
 def _load(index: int, item: InputItem | SyntheticItem) -> tuple[int, Any, np.ndarray | None, str | None, float, float]:
@@ -285,8 +284,7 @@ def run_pipeline(
                         run.fail(item.path, error or "unreadable image")
                         continue
                     run.admit(index, item, image, started)
-                for batch in run.batcher.drain():
-                    run.execute(batch)
+                run.flush()
             except BaseException:
                 read_pool.shutdown(wait=True, cancel_futures=True)
                 raise

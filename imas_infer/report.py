@@ -115,15 +115,18 @@ class RunSummary:
         return out
 
 
-def model_benchmark_dict(batch: int, window: tuple[int, int], seconds: list[float]) -> dict[str, Any]:
-    """Figures of the model-only benchmark: `seconds` holds one entry per timed full-batch call."""
+def model_benchmark_dict(
+    batch: int, window: tuple[int, int], seconds: list[float], unit: str = "windows"
+) -> dict[str, Any]:
+    """Figures of the model-only benchmark: `seconds` holds one entry per timed full-batch call of `batch` `unit`
+    ("windows", or "images" for a stitched model, whose `window` is then the image size)."""
     mean = float(np.mean(seconds)) if seconds else float("nan")
     return {
         "batch": batch,
         "window": list(window),
         "iterations": len(seconds),
         "ms_per_batch": {"mean": 1e3 * mean, **percentiles(seconds)},
-        "windows_per_s": batch / mean if seconds and mean > 0 else None,
+        f"{unit}_per_s": batch / mean if seconds and mean > 0 else None,
     }
 
 
@@ -135,8 +138,9 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 def benchmark_model(
     backend: Backend, settings: RunSettings, *, iterations: int, warmup: int
 ) -> tuple[int, tuple[int, int], list[float]]:
-    """Time the model alone on full batches of random windows: (batch, window, seconds per timed call)."""
-    window = backend.window or settings.window
+    """Time the model alone on full batches of random windows (whole images for a stitched model):
+    (batch, window or image size, seconds per timed call)."""
+    window = backend.input_hw or settings.window
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, size=(settings.batch, 3, *window)).astype(backend.input_dtype)
     for _ in range(warmup):

@@ -122,6 +122,11 @@ class ExportedModelMeta:
 
     The input is raw RGB pixels, NCHW, value range 0-255; normalisation (mean/std, recorded for audit) happens in
     the graph. `window` is (H, W) for a static spatial size, or None when height and width are dynamic.
+
+    A *stitched* model (`stitched` True) takes whole images of the static size `image_size` and runs the `full_tiles`
+    sliding window inside the graph: `window` and `stride` are then its in-graph window plan, `max_batch` counts
+    images, and the output is the final label map or averaged probabilities. `input_size` is the static input
+    (H, W) in both cases.
     """
 
     kind: str  # "onnx" | "tensorrt"
@@ -139,7 +144,7 @@ class ExportedModelMeta:
     stride: list[int]  # [H, W] default sliding-window stride
     eval_protocol: str  # protocol the source teacher was validated with
     precision: str  # "fp32" | "fp16" | "int8"
-    max_batch: int | None  # None = dynamic batch without a declared maximum
+    max_batch: int | None  # None = dynamic batch without a declared maximum; images for stitched models
     source_sha256: str  # sha256 of the teacher safetensors
     artifact_sha256: str  # sha256 of this artifact's bytes
     opset: int | None = None
@@ -150,6 +155,15 @@ class ExportedModelMeta:
     parity: dict[str, Any] = field(default_factory=dict)  # the export-time parity report
     tensorrt: dict[str, Any] = field(default_factory=dict)  # engines: version, gpu, compute capability, profiles
     format_version: int = FORMAT_VERSION
+    # Optional since they were added: sidecars written before read as window models of unknown default window.
+    stitched: bool = False  # the full_tiles sliding window runs inside the graph on whole images
+    image_size: list[int] | None = None  # [H, W] of the whole images a stitched model takes (static)
+    default_window: list[int] | None = None  # [H, W] the teacher was validated with: the window of dynamic-HW models
+
+    @property
+    def input_size(self) -> list[int] | None:
+        """The static input [H, W]: the image size of a stitched model, else `window` (None: dynamic)."""
+        return self.image_size if self.stitched else self.window
 
 
 def _meta_from_json(cls: type, raw: Any, path: Path) -> Any:
@@ -228,6 +242,8 @@ def read_exported_meta(artifact: Path | str, *, verify_checksum: bool = True) ->
         raise ArtifactError(f"{path}: kind is {meta.kind!r}, expected 'onnx' or 'tensorrt'")
     if len(meta.class_names) != meta.num_classes:
         raise ArtifactError(f"{path}: {len(meta.class_names)} class names but num_classes={meta.num_classes}")
+    if meta.stitched and (meta.image_size is None or meta.window is None):
+        raise ArtifactError(f"{path}: a stitched model needs image_size and window ({meta.image_size}, {meta.window})")
     if verify_checksum:
         if not artifact.is_file():
             raise ArtifactError(f"{artifact}: file not found")

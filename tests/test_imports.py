@@ -47,7 +47,7 @@ def test_tier0_without_torch(module: str) -> None:
 @pytest.mark.parametrize(
     "module",
     ["imas_infer", "imas_infer.cli", "imas_infer.pipeline", "imas_infer.backends.onnxruntime_backend",
-     "imas_infer.backends.tensorrt_backend"],
+     "imas_infer.backends.tensorrt_backend", "imas_infer.whole_images", "imas_infer.outputs"],
 )  # fmt: skip
 def test_infer_runtime_paths_without_torch_or_accelerate(module: str) -> None:
     res = run_isolated(f"import {module}", ("torch", "accelerate", "albumentations", "safetensors"))

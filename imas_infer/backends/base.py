@@ -2,7 +2,9 @@
 
 A backend runs a batch of windows: (N, 3, h, w) raw RGB 0-255 in `input_dtype` -> (N, C, h, w) float32 logits or
 probabilities, or (N, h, w) uint8 class ids. Everything else (windows, stitching, files) is the pipeline's job, so
-`imas_export verify` can reuse the same runners for parity checks. Tier 0 + numpy.
+`imas_export verify` can reuse the same runners for parity checks. A *stitched* model (`ModelInfo.stitched`) runs
+the sliding window inside its graph: its batch is N whole images of `image_size`, and its output is final.
+Tier 0 + numpy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from imas_infer.stitch import NumpyStitcher, Stitcher
 from imas_train.artifacts import ExportedModelMeta
+from imas_train.tiling import plan_windows
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,28 @@ class ModelInfo:
     input_dtype: str  # "float32" | "uint8"
     precision: str  # "fp32" | "fp16" | "int8"
     eval_protocol: str
+    stitched: bool = False  # whole images in, the sliding window inside the graph; `window`/`default_stride` its plan
+    image_size: tuple[int, int] | None = None  # the static (H, W) of the images a stitched model takes
+    windows_in_graph: int = 0  # K, the windows a stitched model runs per image
+
+    @property
+    def input_hw(self) -> tuple[int, int] | None:
+        """The static (H, W) the model takes: the image size if stitched, else the window (None: any size)."""
+        return self.image_size if self.stitched else self.window
+
+
+def _pair(values: list[int] | None) -> tuple[int, int] | None:
+    return (int(values[0]), int(values[1])) if values else None
 
 
 def info_from_exported(path: Path, meta: ExportedModelMeta, fmt: str) -> ModelInfo:
     """ModelInfo of an ONNX model or engine from its sidecar (the backend checks it against the real model)."""
-    window = (int(meta.window[0]), int(meta.window[1])) if meta.window else None
+    window = _pair(meta.window)
+    stride = (int(meta.stride[0]), int(meta.stride[1]))
+    image_size = _pair(meta.image_size) if meta.stitched else None
+    windows = 0
+    if image_size is not None and window is not None:
+        windows = len(plan_windows(image_size[0], image_size[1], window, stride, "full_tiles"))
     return ModelInfo(
         path=Path(path),
         format=fmt,
@@ -48,14 +68,17 @@ def info_from_exported(path: Path, meta: ExportedModelMeta, fmt: str) -> ModelIn
         class_names=tuple(meta.class_names),
         palette=tuple((int(c[0]), int(c[1]), int(c[2])) for c in meta.palette),
         window=window,
-        default_window=window,
-        default_stride=(int(meta.stride[0]), int(meta.stride[1])),
+        default_window=window or _pair(meta.default_window),  # dynamic HW: the teacher's window, when recorded
+        default_stride=stride,
         max_batch=meta.max_batch,
         max_batch_is_hard=False,
         output_kind=meta.output_kind,
         input_dtype=meta.input_dtype,
         precision=meta.precision,
         eval_protocol=meta.eval_protocol,
+        stitched=meta.stitched,
+        image_size=image_size,
+        windows_in_graph=windows,
     )
 
 
@@ -79,6 +102,10 @@ class Backend(abc.ABC):
         return self.info.window
 
     @property
+    def input_hw(self) -> tuple[int, int] | None:
+        return self.info.input_hw
+
+    @property
     def max_batch(self) -> int | None:
         return self.info.max_batch
 
@@ -95,7 +122,8 @@ class Backend(abc.ABC):
         """Run one batch.
 
         Args:
-            batch: (N, 3, h, w) raw RGB 0-255, C-contiguous, `input_dtype`; h, w = `window` for static models.
+            batch: (N, 3, h, w) raw RGB 0-255, C-contiguous, `input_dtype`; h, w = `input_hw` for static models
+                (the window, or the whole image of a stitched model).
 
         Returns:
             (N, C, h, w) float32 logits/probabilities, or (N, h, w) uint8 class ids. The array may be a buffer the
@@ -117,6 +145,10 @@ class Backend(abc.ABC):
         """One line for the user, e.g. "model.onnx (onnx, CPUExecutionProvider, window 769x769, batch 4, fp32)"."""
         window = f"window {self.info.window[0]}x{self.info.window[1]}" if self.info.window else "dynamic window"
         batch = f"batch {self.info.max_batch}" if self.info.max_batch else "dynamic batch"
+        if self.info.stitched and self.info.image_size is not None:
+            (h, w), k = self.info.image_size, self.info.windows_in_graph
+            window = f"stitched {h}x{w}, {k} window{'s' * (k != 1)} in-graph"
+            batch += " images"
         return f"{self.info.path.name} ({self.info.format}, {self.runtime}, {window}, {batch}, {self.info.precision})"
 
     def __enter__(self) -> Backend:

@@ -118,8 +118,9 @@ class OrtBackend(Backend):
         if len(shape) != 4 or shape[1] != 3:
             raise ArtifactError(f"{path}: graph input shape {shape}, expected (N, 3, H, W)")
         static_hw = tuple(shape[2:]) if all(isinstance(d, int) for d in shape[2:]) else None
-        if static_hw != (tuple(meta.window) if meta.window else None):
-            raise ArtifactError(f"{path}: graph input height/width {shape[2:]}, sidecar window {meta.window}")
+        if static_hw != (tuple(meta.input_size) if meta.input_size else None):
+            field = "image_size (stitched)" if meta.stitched else "window"
+            raise ArtifactError(f"{path}: graph input height/width {shape[2:]}, sidecar {field} {meta.input_size}")
         if isinstance(shape[0], int):  # a static batch: every call must send exactly that many windows
             self.fixed_batch: int | None = shape[0]
             self.info = _with_hard_batch(self.info, shape[0])

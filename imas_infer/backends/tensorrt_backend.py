@@ -6,8 +6,14 @@ with the `imas-export trt` rebuild command), deserialize the plan, allocate devi
 buffers for the largest batch the profile allows, and bind the device buffers with `set_tensor_address`.
 
 Per call there are exactly two transfers on one CUDA stream: the batch host->device, and the result device->host
-(`execute_async_v3` in between). Stitching then accumulates in numpy on the host; that device->host copy of each
-window's scores is the only transfer, and it overlaps nothing else because the pipeline is one model call at a time.
+(`execute_async_v3` in between). For a window engine, stitching then accumulates in numpy on the host, so every
+window's (C, h, w) scores cross to the host. An engine built from a *stitched* ONNX (`imas-export onnx --image-size`)
+runs the sliding window on the GPU inside the engine: the buffers are (N, 3, H, W) whole images in and (N, H, W)
+uint8 labels out, bound once, and the label map is the only device->host copy.
+
+Version-compatible engines (`imas-export trt --version-compatible`) embed a lean runtime, which is host code:
+`Runtime.engine_host_code_allowed` is set for them (from the sidecar's `tensorrt.version_compatible`) before
+deserialising, as TensorRT requires. Only load engines you built or received from a trusted source.
 """
 
 from __future__ import annotations
@@ -132,6 +138,11 @@ def sidecar_name(engine: Path) -> str:
     return engine.name + ".json"
 
 
+def _within(hw: tuple[int, int] | None, lo: tuple[int, ...], hi: tuple[int, ...]) -> bool:
+    """True when a (H, W) window fits the profile's input height/width range."""
+    return hw is not None and lo[2] <= hw[0] <= hi[2] and lo[3] <= hw[1] <= hi[3]
+
+
 class TensorRTBackend(Backend):
     """A serialized engine with its sidecar.
 
@@ -164,6 +175,8 @@ class TensorRTBackend(Backend):
         check_engine_compat(engine_path, meta, trt.__version__, cc)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if meta.tensorrt.get("version_compatible"):  # the plan embeds the lean runtime (host code); trusted sidecar
+            self._runtime.engine_host_code_allowed = True
         self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise InferError(
@@ -197,12 +210,15 @@ class TensorRTBackend(Backend):
         shape = tuple(e.get_tensor_shape(self._in))
         lo, opt, hi = (tuple(d) for d in e.get_tensor_profile_shape(self._in, 0)) if -1 in shape else (shape,) * 3
         static_hw = shape[2:] if -1 not in shape[2:] else None
-        if (tuple(meta.window) if meta.window else None) != static_hw:
-            raise ArtifactError(f"{path.name}: engine input {shape}, sidecar window {meta.window}")
+        if (tuple(meta.input_size) if meta.input_size else None) != static_hw:
+            field = "image_size (stitched)" if meta.stitched else "window"
+            raise ArtifactError(f"{path.name}: engine input {shape}, sidecar {field} {meta.input_size}")
         self._min_shape, self._max_shape = lo, hi
         self.fixed_batch = shape[0] if shape[0] != -1 else None
         info = info_from_exported(path, meta, "tensorrt")
-        default_window = static_hw or (opt[2], opt[3])
+        default_window = info.default_window if static_hw is None else info.window
+        if static_hw is None and not _within(default_window, lo, hi):  # the teacher's window is outside the profile
+            default_window = (opt[2], opt[3])
         self.info = dataclasses.replace(info, max_batch=hi[0], max_batch_is_hard=True, default_window=default_window)
         # Buffers for the largest profile shape, bound once; set_input_shape only changes what is read/written.
         classes = () if meta.output_kind == "labels" else (meta.num_classes,)

@@ -116,14 +116,14 @@ def test_int8_threshold_is_enforced(export_tiny: Callable[..., Any], tmp_path: P
 
 
 def test_demo_calibration_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    from imas_export.onnx_export import _calibration_samples
     from imas_export.options import OnnxExportOptions, ParityOptions
+    from imas_export.samples import calibration_samples
 
     options = OnnxExportOptions(
         teacher=Path("t"), output=Path("m.onnx"), precision="int8", parity=ParityOptions(num_images=2)
     )
     with caplog.at_level(logging.WARNING, logger="imas_export"):
-        calibration, held = _calibration_samples(options, (33, 49), ["a", "b", "c"])
+        calibration, held = calibration_samples(options, (33, 49), ["a", "b", "c"])
     assert any("DEMO images" in r.getMessage() for r in caplog.records)
     assert calibration.images.shape[1:] == (3, 33, 49) and calibration.source == "demo:unlabeled"
     assert len(held) == 2 and held.source == "demo:val" and held.labels is None  # demo labels != these classes

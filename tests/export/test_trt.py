@@ -70,6 +70,23 @@ def test_profile_shapes_static_and_dynamic() -> None:
         profile_shapes(_meta([65, 97]), EngineOptions(onnx=Path("m"), output=Path("e"), opt_hw=(33, 33)))
 
 
+def test_stitched_profile_ranges_over_whole_images_only() -> None:
+    import dataclasses
+
+    meta = dataclasses.replace(_meta([65, 65]), stitched=True, image_size=[1024, 2048], max_batch=2)
+    opts = EngineOptions(onnx=Path("m.onnx"), output=Path("m.engine"))
+    shapes = profile_shapes(meta, opts)  # default batches for stitched models: 1 / 1 / 2 images
+    assert shapes == {"min": [1, 3, 1024, 2048], "opt": [1, 3, 1024, 2048], "max": [2, 3, 1024, 2048]}
+    assert "--optShapes=image:1x3x1024x2048 --maxShapes=image:2x3x1024x2048" in trtexec_command(opts, "image", shapes)
+    assert (
+        profile_shapes(meta, EngineOptions(onnx=Path("m"), output=Path("e"), opt_batch=2, max_batch=4))["max"][0] == 4
+    )
+    with pytest.raises(ExportError, match="stitched for whole images of 1024x2048"):
+        profile_shapes(meta, EngineOptions(onnx=Path("m"), output=Path("e"), opt_hw=(65, 65)))
+    with pytest.raises(ExportError, match="min <= opt <= max"):
+        profile_shapes(meta, EngineOptions(onnx=Path("m"), output=Path("e"), opt_batch=4))
+
+
 def test_trtexec_command() -> None:
     opts = EngineOptions(
         onnx=Path("model.onnx"), output=Path("out/model.fp16.engine"), workspace_gb=2, hardware_compat="ampere+"

@@ -1,0 +1,127 @@
+"""Command line of the training package: ``imas-train`` (train), ``imas-train check-data``, ``imas-train make-splits``.
+
+Launch forms (STYLE.md §4.2): ``accelerate launch imas_train --config X``, ``accelerate launch -m imas_train
+--config X``, ``python -m imas_train --config X``, ``torchrun --nproc_per_node N -m imas_train --config X``.
+Libraries raise; this module prints the error and picks the exit code (1 for an `ImasError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+from imas_train.errors import ImasError
+
+__all__ = ["build_parser", "main"]
+
+_PROG = "imas-train"
+_SUBCOMMANDS = ("check-data", "make-splits")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+        help="dotted overrides, e.g. --set optim.lr=0.02 imas.tau=0.8 (values parsed as YAML)",
+    )  # fmt: skip
+
+
+def build_parser(command: str = "train") -> argparse.ArgumentParser:
+    """The parser of `command`: "train" (the default form), "check-data" or "make-splits"."""
+    if command == "check-data":
+        parser = argparse.ArgumentParser(
+            prog=f"{_PROG} check-data", description="Check every image, label and split list of a config."
+        )
+        _config_args(parser)
+        return parser
+    if command == "make-splits":
+        parser = argparse.ArgumentParser(
+            prog=f"{_PROG} make-splits",
+            description="Write nested labeled/unlabeled split lists (<out>/<name>/{labeled,unlabeled}.txt).",
+        )
+        parser.add_argument("--list", dest="list_path", type=Path, required=True, help="list of all training items")
+        parser.add_argument("--out", type=Path, required=True, help="output folder")
+        parser.add_argument("--seed", type=int, default=0, help="permutation seed (default 0)")
+        parser.add_argument(
+            "--fractions", nargs="+", default=["1/16", "1/8", "1/4", "1/2"],
+            help="labeled sizes: fractions (1/16, 0.125) or counts (186); default 1/16 1/8 1/4 1/2",
+        )  # fmt: skip
+        return parser
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Train DeepLabV3+ with iMAS under Accelerate. Other commands: "
+        f"'{_PROG} check-data --config X', '{_PROG} make-splits --list all.txt --out splits/'.",
+    )
+    _config_args(parser)
+    parser.add_argument(
+        "--resume", default=None, metavar="auto|PATH",
+        help="'auto': continue from <run>/state/latest if present; PATH: a checkpoint or run directory",
+    )  # fmt: skip
+    parser.add_argument("--output-dir", type=Path, default=None, help="run folder (overrides run.output_dir)")
+    return parser
+
+
+def _size(text: str) -> float | int:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError) as err:
+        raise ImasError(f"--fractions: {text!r} is neither a fraction (1/16, 0.125) nor a count (186)") from err
+    if not 0.0 < value < 1.0:
+        raise ImasError(f"--fractions: {text!r} must be in (0, 1) or an integer count")
+    return value
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
+    if command == "make-splits":
+        from imas_train.data import make_splits, read_list, write_splits
+
+        items = [" ".join(entry.tokens) for entry in read_list(args.list_path)]
+        splits = make_splits(items, [_size(f) for f in args.fractions], seed=args.seed)
+        for name, digest in write_splits(args.out, splits).items():
+            print(f"{args.out / name}  sha256 {digest[:16]}")
+        return 0
+
+    from imas_train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if command == "check-data":
+        from imas_train.data import check_data
+
+        report = check_data(cfg.data, cfg.model.num_classes)
+        print(report.format())
+        return 0 if report.ok else 1
+
+    from imas_train.train import train
+
+    if args.output_dir is not None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=args.output_dir))
+    train(cfg, resume=args.resume)
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``imas-train``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in _SUBCOMMANDS else "train"
+    args = build_parser(command).parse_args(argv[1:] if command != "train" else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return _run(command, args)
+    except ImasError as err:
+        print(f"{_PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted; resume with --resume auto", file=sys.stderr)
+        return 130

@@ -299,9 +299,13 @@ def check_consistency(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"data.class_names has {len(d.class_names)} names but model.num_classes is {cfg.model.num_classes}"
         )
-    for name, val in (("data.crop_size", d.crop_size), ("data.batch_size", d.batch_size),
-                      ("optim.epochs", cfg.optim.epochs), ("eval.window", cfg.eval.window),
-                      ("optim.grad_accum_steps", cfg.optim.grad_accum_steps)):
+    for name, val in (
+        ("data.crop_size", d.crop_size),
+        ("data.batch_size", d.batch_size),
+        ("optim.epochs", cfg.optim.epochs),
+        ("eval.window", cfg.eval.window),
+        ("optim.grad_accum_steps", cfg.optim.grad_accum_steps),
+    ):
         if val < 1:
             raise ConfigError(f"{name} must be >= 1, got {val}")
     if cfg.eval.stride is not None and not 1 <= cfg.eval.stride <= cfg.eval.window:

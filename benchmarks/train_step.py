@@ -1,0 +1,282 @@
+"""Training iteration cost: a supervised-only step vs an iMAS step (faithful and fast), same model and batch.
+
+One iteration = the step function of `imas_train.step` (forwards and losses), backward, SGD step and zero_grad, plus
+the EMA update for iMAS, as in `imas_train.train`. Reported per variant: the median wall time of N timed iterations
+after warm-up (variants interleaved round-robin so machine noise hits all of them alike), its ratio to the
+supervised step, and the FLOPs of one iteration from `torch.utils.flop_counter.FlopCounterMode` (forward + backward
+convolutions/matmuls), so the measured ratio can be held against the arithmetic one.
+
+CutMix is forced to fire in every iMAS iteration through the config's documented ablation switch
+(`adaptive_cutmix_trigger=False`, `cutmix_fixed_prob=1.0`: the U(0,1) draw is always < 1). Everything else runs as
+in training: the easiness is still computed and still weights the loss, the intensity mix and the pairing. The
+only work skipped is the host read of mean(e) for the trigger.
+
+Arithmetic anchors (ALGORITHM.md §11.5), per labeled+unlabeled pair with CutMix firing: iMAS faithful 2 + 4x3 = 14
+forward-equivalents, fast (forward_unused_weak=False) 2 + 3x3 = 11, supervised 3: ratios 4.67 and 3.67 (the aux
+head, run on every student input, moves them slightly).
+
+    python benchmarks/train_step.py                    # CPU default: R-50 at 1/4 width, 161x161, batch 2
+    python benchmarks/train_step.py --full             # R-50 os16, 769x769, batch 4 (GPU; adds a bf16 row)
+    python benchmarks/train_step.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from report import add_common_flags, format_table, header_lines, median, set_threads, sync_fn, write_json
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from imas_train.config import ImasConfig, LossConfig, ModelConfig
+from imas_train.ema import EmaTeacher
+from imas_train.models import build_model
+from imas_train.step import StudentForward, imas_step, step_generator, supervised_step
+
+NAME = "train_step"
+VARIANTS = ("supervised", "imas_faithful", "imas_fast")
+ANCHOR_RATIO = {"supervised": 1.0, "imas_faithful": 14 / 3, "imas_fast": 11 / 3}
+TARGET_RATIO = {"imas_faithful": 4.9, "imas_fast": 3.9}  # the issue's acceptance figures
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """An R-50 DeepLabV3+ at `base_width/64` of the real width, with the head channels scaled alike."""
+    scale = args.base_width / 64
+    return ModelConfig(
+        num_classes=args.classes,
+        aux_head=True,
+        depth=args.depth,
+        output_stride=args.output_stride,
+        base_width=args.base_width,
+        layers=tuple(args.layers) if args.layers else None,
+        aspp_channels=max(8, round(256 * scale)),
+        decoder_channels=max(8, round(256 * scale)),
+        aux_channels=max(8, round(256 * scale)),
+        low_level_channels=max(4, round(48 * scale)),
+    )
+
+
+def make_batches(b: int, crop: int, k: int, device: str, seed: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, k, (b, crop, crop), generator=g)
+    label[:, :, : crop // 10] = 255  # some ignored pixels, as on real crops
+    batch_l = {"image": torch.randn(b, 3, crop, crop, generator=g), "label": label}
+    image_w = torch.randn(b, 3, crop, crop, generator=g)
+    batch_u = {
+        "image_w": image_w,
+        "image_s": image_w + 0.5 * torch.randn(b, 3, crop, crop, generator=g),
+        "valid": torch.ones(b, crop, crop, dtype=torch.bool),
+        "index": torch.arange(b),
+    }
+    return ({k_: v.to(device) for k_, v in batch_l.items()}, {k_: v.to(device) for k_, v in batch_u.items()})
+
+
+class Iterations:
+    """One callable per variant, sharing the model, optimizer, teacher and batches."""
+
+    def __init__(self, args: argparse.Namespace, device: str, autocast: Callable[[], AbstractContextManager[Any]]):
+        torch.manual_seed(0)
+        model = build_model(model_config(args)).to(device)
+        self.model = model
+        self.student = StudentForward(model).train()
+        self.ema = EmaTeacher(copy.deepcopy(model))
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+        self.loss = LossConfig(supervised="ohem")
+        self.imas = {
+            name: ImasConfig(
+                tau=0.7,
+                forward_unused_weak=name == "imas_faithful",
+                adaptive_cutmix_trigger=False,  # forced firing: U(0,1) < 1.0 always
+                cutmix_fixed_prob=1.0,
+            )
+            for name in ("imas_faithful", "imas_fast")
+        }
+        self.batch_l, self.batch_u = make_batches(args.batch, args.crop, args.classes, device, seed=1)
+        self.autocast = autocast
+        self.step = 0
+        self.fired: dict[str, list[float]] = {name: [] for name in self.imas}
+
+    def _update(self, loss: Tensor) -> None:
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def supervised(self) -> None:
+        out = supervised_step(
+            self.student, self.batch_l, loss=self.loss, aux_labeled_only=False, autocast=self.autocast
+        )
+        self._update(out["loss"])
+
+    def imas_variant(self, name: str) -> None:
+        self.step += 1
+        out = imas_step(
+            self.student,
+            self.ema.module,
+            self.batch_l,
+            self.batch_u,
+            imas=self.imas[name],
+            loss=self.loss,
+            generator=step_generator(2, 0, self.step),
+            aux_labeled_only=False,
+            autocast=self.autocast,
+        )
+        self.fired[name].append(float(out["cutmix_fired"]))
+        self._update(out["loss"])
+        self.ema.update(self.model, 0.996)
+
+    def call(self, name: str) -> Callable[[], None]:
+        return self.supervised if name == "supervised" else (lambda: self.imas_variant(name))
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def measure(args: argparse.Namespace, device: str, precision: str) -> list[dict[str, Any]]:
+    import time
+
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
+    if precision == "bf16":
+
+        def autocast() -> AbstractContextManager[Any]:
+            return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+
+    its = Iterations(args, device, autocast)
+    sync = sync_fn(device)
+    flops = {name: count_flops(its.call(name)) for name in VARIANTS}
+    for _ in range(args.warmup):
+        for name in VARIANTS:
+            its.call(name)()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(args.repeats):  # round-robin: drifting machine load hits every variant alike
+        for name in VARIANTS:
+            t0 = time.perf_counter()
+            its.call(name)()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    base_t, base_f = median(times["supervised"]), flops["supervised"]
+    rows = []
+    for name in VARIANTS:
+        t = median(times[name])
+        fired = its.fired.get(name)
+        rows.append({
+            "precision": precision,
+            "variant": name,
+            "time_ms": 1e3 * t,
+            "time_ms_all": [1e3 * x for x in times[name]],
+            "time_ratio": t / base_t,
+            "gflop": flops[name] / 1e9,
+            "flop_ratio": flops[name] / base_f,
+            "anchor_ratio": ANCHOR_RATIO[name],
+            "target_ratio": TARGET_RATIO.get(name),
+            "achieved_tflops": flops[name] / t / 1e12,
+            "cutmix_fired_fraction": (sum(fired) / len(fired)) if fired else None,
+        })  # fmt: skip
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101))
+    parser.add_argument("--base-width", type=int, default=16, help="64 = the real ResNet width")
+    parser.add_argument("--layers", type=int, nargs=4, default=None, help="block counts override, e.g. 1 1 1 1")
+    parser.add_argument("--output-stride", type=int, default=16, choices=(8, 16))
+    parser.add_argument("--crop", type=int, default=161)
+    parser.add_argument("--batch", type=int, default=2, help="per-GPU B (labeled and unlabeled each)")
+    parser.add_argument("--classes", type=int, default=19)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full", action="store_true", help="Cityscapes settings: R-50 os16, 769x769, batch 4")
+    add_common_flags(parser, NAME)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.full:
+        args.depth, args.base_width, args.layers, args.output_stride, args.crop, args.batch = 50, 64, None, 16, 769, 4
+    if args.smoke:
+        args.base_width, args.layers, args.crop, args.batch = 8, [1, 1, 1, 1], 33, 2
+        # oneDNN builds kernels per new shape on first use (seconds each on 2 cores): the smoke run only checks
+        # that the script works, so it uses the plain CPU convolutions
+        torch.backends.mkldnn.enabled = False
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 7)
+    set_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as in training (ALGORITHM.md §10, item 7)
+    precisions = ["fp32", "bf16"] if cuda else ["fp32"]
+    cfg = model_config(args)
+    settings = {
+        "model": f"R-{cfg.depth} os{cfg.output_stride} width {cfg.base_width}/64"
+        + (f" layers {tuple(cfg.layers)}" if cfg.layers else ""),
+        "crop": args.crop,
+        "batch": args.batch,
+        "classes": args.classes,
+        "device": args.device,
+        "precisions": precisions,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "statistic": "median wall time, variants interleaved",
+        "supervised_loss": "ohem + 0.4 aux",
+        "cutmix": "forced to fire (adaptive_cutmix_trigger=False, cutmix_fixed_prob=1.0)",
+        "iteration": "step fn + backward + SGD step + zero_grad (+ EMA update for iMAS)",
+        "smoke": args.smoke,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    print(header_lines(NAME, settings), flush=True)
+    rows = [row for precision in precisions for row in measure(args, args.device, precision)]
+    rate = "TFLOP/s" if cuda else "GFLOP/s"
+    scale = 1.0 if cuda else 1e3
+    table = format_table(
+        [
+            "precision",
+            "variant",
+            "ms / iter",
+            "time ratio",
+            "target",
+            "GFLOP / iter",
+            "FLOP ratio",
+            "anchor ratio",
+            rate,
+            "CutMix fired",
+        ],  # fmt: skip
+        [
+            [
+                r["precision"],
+                r["variant"],
+                r["time_ms"],
+                f"{r['time_ratio']:.2f}x",
+                f"<= {r['target_ratio']}x" if r["target_ratio"] else "-",
+                r["gflop"],
+                f"{r['flop_ratio']:.2f}x",
+                f"{r['anchor_ratio']:.2f}x",
+                scale * r["achieved_tflops"],
+                "-" if r["cutmix_fired_fraction"] is None else f"{100 * r['cutmix_fired_fraction']:.0f}%",
+            ]  # fmt: skip
+            for r in rows
+        ],
+    )
+    print(table, flush=True)
+    notes = [
+        "time ratio = median iteration time / median supervised iteration time, same run, same model and batch",
+        "FLOPs: FlopCounterMode over one whole iteration (no-grad easiness forwards, training forward, backward)",
+        "anchor ratio: 14/3 and 11/3 forward-equivalents (ALGORITHM.md §11.5), ignoring the aux head",
+        "CPU runs: the machine was shared with other jobs; only ratios within one run are meaningful",
+    ]
+    path = write_json(args.json, NAME, settings, rows, notes)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         # oneDNN builds kernels per new shape on first use (seconds each on 2 cores): the smoke run only checks
         # that the script works, so it uses the plain CPU convolutions
         torch.backends.mkldnn.enabled = False
+        args.threads = args.threads or 1  # 2 OpenMP threads on a busy 2-core machine run several times slower
     args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 7)
     set_threads(args.threads)
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "cutmix": "forced to fire (adaptive_cutmix_trigger=False, cutmix_fixed_prob=1.0)",
         "iteration": "step fn + backward + SGD step + zero_grad (+ EMA update for iMAS)",
         "smoke": args.smoke,
+        "threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),
     }
     print(header_lines(NAME, settings), flush=True)

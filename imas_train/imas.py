@@ -68,10 +68,19 @@ def class_weighted_iou(pred: Tensor, ref: Tensor, num_classes: int, ignore_class
     """
     if pred.shape != ref.shape or pred.dim() != 3:
         raise ValueError(f"pred and ref must both be (B, H, W); got {tuple(pred.shape)} and {tuple(ref.shape)}")
+    return _weighted_iou(_confusion(pred, ref, num_classes), ignore_class0)
+
+
+def _confusion(pred: Tensor, ref: Tensor, num_classes: int) -> Tensor:
+    """(B, C, C) float64 confusion matrices, rows = ref, cols = pred, from one batched bincount."""
     b, k = pred.shape[0], num_classes
     offsets = torch.arange(b, device=pred.device).view(b, 1) * (k * k)
     index = offsets + ref.flatten(1).long() * k + pred.flatten(1).long()
-    cm = torch.bincount(index.flatten(), minlength=b * k * k).view(b, k, k).double()  # rows = ref, cols = pred
+    return torch.bincount(index.flatten(), minlength=b * k * k).view(b, k, k).double()
+
+
+def _weighted_iou(cm: Tensor, ignore_class0: bool) -> Tensor:
+    """wIoU of (B, C, C) confusion matrices (rows = the reference that supplies the weights) -> (B,) float32."""
     inter = cm.diagonal(dim1=1, dim2=2)
     n_ref, n_pred = cm.sum(2), cm.sum(1)
     union = n_ref + n_pred - inter
@@ -126,8 +135,11 @@ def easiness_from_predictions(
     """
     ratio_s = confident_ratio(conf_s, threshold)
     ratio_t = confident_ratio(conf_t, threshold)
-    wiou_ref_t = class_weighted_iou(labels_s, labels_t, num_classes, ignore_class0)
-    wiou_ref_s = class_weighted_iou(labels_t, labels_s, num_classes, ignore_class0)
+    if labels_s.shape != labels_t.shape or labels_s.dim() != 3:
+        raise ValueError(f"label maps must both be (B, H, W); got {tuple(labels_s.shape)}, {tuple(labels_t.shape)}")
+    cm = _confusion(labels_s, labels_t, num_classes)  # rows = teacher; its transpose has rows = student
+    wiou_ref_t = _weighted_iou(cm, ignore_class0)
+    wiou_ref_s = _weighted_iou(cm.transpose(1, 2), ignore_class0)
     return 0.5 * (wiou_ref_t * ratio_t + wiou_ref_s * ratio_s)  # large = easy; paper gamma = 1 - e
 
 

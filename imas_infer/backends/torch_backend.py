@@ -2,8 +2,9 @@
 
 The only inference path that needs torch; `backends.open_backend` imports this module only when it is chosen, and
 torch itself is imported inside the constructor. The model accepts any window size, so both protocols and
-whole-image mode work. Stitching happens where the model runs: on a GPU in device tensors (`TorchStitcher`: window results are softmaxed and
-accumulated there, only the final class ids (and probabilities) are copied back); on the CPU with `NumpyStitcher`.
+whole-image mode work. Stitching happens where the model runs: on a GPU in device tensors (`TorchStitcher`: window
+results are softmaxed and accumulated there, and only the class ids and probabilities are copied back); on the CPU
+with `NumpyStitcher`, measured 2.5x faster there.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_two_process_training_run(tmp_path: Path) -> None:
     overrides = [
         "data.demo.num_labeled=4", "data.demo.num_unlabeled=8", "data.demo.num_val=3", "data.demo.height=40",
         "data.demo.width=48", "data.crop_size=33", "data.batch_size=2", "eval.window=48", "optim.epochs=1",
-        "run.tensorboard=false",
+        "run.tensorboard=false", "imas.sup_only_epochs=0",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))

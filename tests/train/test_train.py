@@ -13,12 +13,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def demo_cfg(run_dir: Path, *overrides: str) -> TrainConfig:
-    """configs/demo.yaml shrunk to seconds: 33-px crops of 40x48 scenes, batch 2+2, L = 2 iterations per epoch."""
+    """configs/demo.yaml shrunk to seconds: 33-px crops of 40x48 scenes, batch 2+2, L = 2 iterations per epoch.
+
+    The shipped demo warms up on L_x for one epoch; these runs take the iMAS iteration from epoch 0 on.
+    """
     base = [
         "data.demo.num_labeled=4", "data.demo.num_unlabeled=4", "data.demo.num_val=3",
         "data.demo.height=40", "data.demo.width=48", "data.crop_size=33", "data.batch_size=2",
         "data.num_workers=0", "optim.epochs=2", "eval.window=48", "run.log_every=1",
-        f"run.output_dir={run_dir}",
+        "imas.sup_only_epochs=0", f"run.output_dir={run_dir}",
     ]  # fmt: skip
     return load_config(REPO / "configs" / "demo.yaml", [*base, *overrides])
 
@@ -64,3 +67,16 @@ def test_supervised_method_exports_the_student(tmp_path: Path) -> None:
     _, meta = load_teacher(run / "teacher.safetensors")
     assert meta.training_summary["artifact_model"] == "student"
     assert not (run / "easiness").exists() and (run / "miou.png").is_file()
+
+
+def test_supervised_warmup_epoch_then_imas(tmp_path: Path) -> None:
+    """The shipped demo's `imas.sup_only_epochs: 1`: epoch 0 trains on L_x only, epoch 1 is iMAS."""
+    from imas_train.train import train
+
+    run = tmp_path / "warm"
+    result = train(demo_cfg(run, "imas.sup_only_epochs=1", "run.tensorboard=false"))
+    assert result.iterations == 4
+    assert not (run / "easiness" / "epoch_000.csv").exists()  # no unlabeled stream, no easiness in the warm-up
+    rows = (run / "easiness" / "epoch_001.csv").read_text().splitlines()
+    assert rows[0] == "index,easiness" and len(rows) == 1 + 2 * 2
+    assert (run / "easiness.png").is_file() and (run / "miou.png").is_file()

@@ -128,24 +128,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 # Parent: build the artifacts, then one subprocess per backend
 
 
-def model_config(args: argparse.Namespace) -> Any:
-    from imas_train.config import ModelConfig
-
-    scale = args.base_width / 64
-    return ModelConfig(
-        num_classes=args.classes,
-        aux_head=True,
-        depth=args.depth,
-        output_stride=args.output_stride,
-        base_width=args.base_width,
-        layers=tuple(args.layers) if args.layers else None,
-        aspp_channels=max(8, round(256 * scale)),
-        decoder_channels=max(8, round(256 * scale)),
-        aux_channels=max(8, round(256 * scale)),
-        low_level_channels=max(4, round(48 * scale)),
-    )
-
-
 def save_teacher_artifact(args: argparse.Namespace, root: Path) -> tuple[Path, Any, int]:
     """A randomly initialised teacher (seeded) whose BN running statistics are re-estimated on demo images.
 
@@ -162,7 +144,9 @@ def save_teacher_artifact(args: argparse.Namespace, root: Path) -> tuple[Path, A
     from imas_train.tiling import default_stride
 
     torch.manual_seed(0)
-    cfg = model_config(args)
+    from report import scaled_model_config
+
+    cfg = scaled_model_config(args)
     model = build_model(cfg)
     recalibrate_bn(model, args.window)
     rng = np.random.default_rng(0)

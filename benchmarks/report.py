@@ -21,6 +21,25 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 JSON_FORMAT_VERSION = 1
 
 
+def scaled_model_config(args: argparse.Namespace) -> Any:
+    """An R-50 DeepLabV3+ at `base_width/64` of the real width, with the head channels scaled alike."""
+    from imas_train.config import ModelConfig
+
+    scale = args.base_width / 64
+    return ModelConfig(
+        num_classes=args.classes,
+        aux_head=True,
+        depth=args.depth,
+        output_stride=args.output_stride,
+        base_width=args.base_width,
+        layers=tuple(args.layers) if args.layers else None,
+        aspp_channels=max(8, round(256 * scale)),
+        decoder_channels=max(8, round(256 * scale)),
+        aux_channels=max(8, round(256 * scale)),
+        low_level_channels=max(4, round(48 * scale)),
+    )
+
+
 def add_common_flags(parser: argparse.ArgumentParser, name: str) -> None:
     """--json, --threads, --warmup, --repeats and --smoke, the same in every script."""
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / f"{name}.json", help="where to write the results")

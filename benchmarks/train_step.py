@@ -30,11 +30,20 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from report import add_common_flags, format_table, header_lines, median, set_threads, sync_fn, write_json
+from report import (
+    add_common_flags,
+    format_table,
+    header_lines,
+    median,
+    scaled_model_config,
+    set_threads,
+    sync_fn,
+    write_json,
+)
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from imas_train.config import ImasConfig, LossConfig, ModelConfig
+from imas_train.config import ImasConfig, LossConfig
 from imas_train.ema import EmaTeacher
 from imas_train.models import build_model
 from imas_train.step import StudentForward, imas_step, step_generator, supervised_step
@@ -43,23 +52,6 @@ NAME = "train_step"
 VARIANTS = ("supervised", "imas_faithful", "imas_fast")
 ANCHOR_RATIO = {"supervised": 1.0, "imas_faithful": 14 / 3, "imas_fast": 11 / 3}
 TARGET_RATIO = {"imas_faithful": 4.9, "imas_fast": 3.9}  # the issue's acceptance figures
-
-
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    """An R-50 DeepLabV3+ at `base_width/64` of the real width, with the head channels scaled alike."""
-    scale = args.base_width / 64
-    return ModelConfig(
-        num_classes=args.classes,
-        aux_head=True,
-        depth=args.depth,
-        output_stride=args.output_stride,
-        base_width=args.base_width,
-        layers=tuple(args.layers) if args.layers else None,
-        aspp_channels=max(8, round(256 * scale)),
-        decoder_channels=max(8, round(256 * scale)),
-        aux_channels=max(8, round(256 * scale)),
-        low_level_channels=max(4, round(48 * scale)),
-    )
 
 
 def make_batches(b: int, crop: int, k: int, device: str, seed: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -82,7 +74,7 @@ class Iterations:
 
     def __init__(self, args: argparse.Namespace, device: str, autocast: Callable[[], AbstractContextManager[Any]]):
         torch.manual_seed(0)
-        model = build_model(model_config(args)).to(device)
+        model = build_model(scaled_model_config(args)).to(device)
         self.model = model
         self.student = StudentForward(model).train()
         self.ema = EmaTeacher(copy.deepcopy(model))

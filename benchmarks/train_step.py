@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cudnn.benchmark = True  # as in training (ALGORITHM.md §10, item 7)
     precisions = ["fp32", "bf16"] if cuda else ["fp32"]
-    cfg = model_config(args)
+    cfg = scaled_model_config(args)
     settings = {
         "model": f"R-{cfg.depth} os{cfg.output_stride} width {cfg.base_width}/64"
         + (f" layers {tuple(cfg.layers)}" if cfg.layers else ""),

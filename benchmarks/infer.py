@@ -75,7 +75,7 @@ def model_only(backend: Any, batch: int, window: tuple[int, int], iterations: in
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    from imas_infer.backends import open_backend
+    from imas_core.runners import open_backend
     from imas_infer.image_io import InputItem
     from imas_infer.options import RunSettings
     from imas_infer.pipeline import OutputSpec, run_pipeline
@@ -137,11 +137,12 @@ def save_teacher_artifact(args: argparse.Namespace, root: Path) -> tuple[Path, A
     """
     import torch
 
-    from imas_train.artifacts import TeacherMeta
+    from imas_core.artifacts import TeacherMeta
+    from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD
+    from imas_core.tiling import default_stride
+    from imas_core.typed import to_dict
     from imas_train.checkpoint import save_teacher
-    from imas_train.config import IMAGENET_MEAN, IMAGENET_STD, to_dict
     from imas_train.models import build_model
-    from imas_train.tiling import default_stride
 
     torch.manual_seed(0)
     from report import scaled_model_config
@@ -171,7 +172,7 @@ def recalibrate_bn(model: Any, window: int, images: int = 4) -> None:
     """Cumulative-average BN statistics over `images` demo windows (train-mode forwards, no grad), then eval()."""
     import torch
 
-    from imas_train.config import IMAGENET_MEAN, IMAGENET_STD
+    from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD
     from imas_train.data.demo import render
 
     for module in model.modules():
@@ -378,7 +379,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> int:
     import torch
     from report import format_table, header_lines, write_json
 
-    from imas_train.tiling import plan_windows
+    from imas_core.tiling import plan_windows
 
     threads = args.threads or os.cpu_count()
     cuda = torch.cuda.is_available()

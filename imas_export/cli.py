@@ -1,7 +1,7 @@
 """`imas-export onnx|trt|verify`: flags -> option dataclasses -> the same functions as the Python API.
 
-Exit codes: 0 success; 1 an error explained in one line (bad file, failed check, parity below threshold);
-2 bad command line (argparse); 3 TensorRT or a CUDA GPU is missing (the message carries the trtexec command).
+Exit codes (`imas_core.errors`): 0 success; 2 an error explained in one line (bad command line, bad file, failed
+check, parity below threshold); 4 TensorRT or a CUDA GPU is missing (the message carries the trtexec command).
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import imas_export
+from imas_core.errors import EXIT_INTERRUPTED, ImasError, exit_code
 from imas_export.options import EngineOptions, OnnxExportOptions, ParityOptions, VerifyOptions
 from imas_export.stages import Stage
-from imas_train.errors import ImasError
 
-EXIT_ERROR, EXIT_USAGE, EXIT_NO_TENSORRT = 1, 2, 3
-EPILOG = "exit codes: 0 ok, 1 error (incl. parity below threshold), 2 bad usage, 3 TensorRT/CUDA not available"
+EPILOG = "exit codes: 0 ok, 2 error (incl. bad usage and parity below threshold), 4 TensorRT/CUDA not available"
 
 
 def _pair(name: str) -> dict[str, Any]:
@@ -199,10 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except ImasError as err:
-        from imas_export.trt_build import TensorRTUnavailable
-
         print(f"imas-export: error: {err}", file=sys.stderr)
-        return EXIT_NO_TENSORRT if isinstance(err, TensorRTUnavailable) else EXIT_ERROR
+        return exit_code(err)
+    except KeyboardInterrupt:
+        print("imas-export: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

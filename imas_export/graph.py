@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from imas_core.artifacts import ExportedModelMeta, read_exported_meta
+from imas_core.errors import ArtifactError, ExportError
 from imas_export.options import Provider
-from imas_train.artifacts import ExportedModelMeta, read_exported_meta
-from imas_train.errors import ArtifactError, ExportError
 
 # Sidecar fields mirrored into the ONNX metadata_props (JSON strings), so a bare .onnx still describes itself.
 METADATA_FIELDS = (

@@ -21,7 +21,11 @@ from typing import Any
 import onnx
 import torch
 
-import imas_train
+import imas_core
+from imas_core.artifacts import ExportedModelMeta, sidecar_path, write_exported_meta
+from imas_core.atomic import atomic_write_bytes, sha256_file
+from imas_core.errors import ExportError
+from imas_core.tiling import default_stride
 from imas_export.graph import (
     check_resize_align_corners,
     declare_output_shape,
@@ -38,9 +42,6 @@ from imas_export.samples import calibration_samples, parity_samples
 from imas_export.stages import Stage, StageCallback, StageLog
 from imas_export.stitched import STITCHED_OUTPUTS, StitchedWrapper
 from imas_export.wrapper import INPUT_NAME, OUTPUT_NAMES, ExportWrapper, example_input
-from imas_train.artifacts import ExportedModelMeta, atomic_write_bytes, sha256_file, sidecar_path, write_exported_meta
-from imas_train.errors import ExportError
-from imas_train.tiling import default_stride
 
 _log = logging.getLogger(__name__)
 MIN_OPSET = 11  # first opset with Resize align_corners
@@ -154,7 +155,7 @@ def _meta(
         "opset": options.opset,
         "exporter": "torch.onnx TorchScript (dynamo=False)",
         "versions": {
-            "imas": imas_train.__version__,
+            "imas": imas_core.__version__,
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,

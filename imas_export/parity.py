@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from imas_core.errors import DataError, ExportError
 from imas_export.options import DEFAULT_MAX_ABS, DEFAULT_MIN_AGREEMENT, OutputKind, ParityOptions
 from imas_export.stitched import sliding_reference
 from imas_export.wrapper import ExportWrapper
-from imas_train.errors import DataError, ExportError
 
 Runner = Callable[[np.ndarray], np.ndarray]  # (N, 3, H, W) uint8 raw RGB -> the model's output for them
 ReferenceKind = Literal["logits", "probs"]
@@ -112,7 +112,7 @@ def run_batched(runner: Runner, images: np.ndarray, batch: int) -> np.ndarray:
 
 def _miou(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
     """mIoU over the whole set (per-class counts summed over images first), as training evaluation computes it."""
-    from imas_train.scores import intersection_union, miou
+    from imas_core.scores import intersection_union, miou
 
     inter_total = np.zeros(num_classes, dtype=np.int64)
     union_total = np.zeros(num_classes, dtype=np.int64)

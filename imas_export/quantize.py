@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from imas_core.errors import ExportError
 from imas_export.graph import set_min_ir_version
 from imas_export.samples import Samples
-from imas_train.errors import ExportError
 
 _log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imas_core.classes import DEMO_CLASSES
+from imas_core.errors import DataError, ExportError
 from imas_export.options import MIN_CALIBRATION_IMAGES, OnnxExportOptions
-from imas_train.classes import DEMO_CLASSES
-from imas_train.errors import DataError, ExportError
 
 _log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from imas_train.config import PAD_RGB
-from imas_train.tiling import Window, padded_shape, plan_windows
+from imas_core.constants import PAD_RGB
+from imas_core.tiling import Window, padded_shape, plan_windows
 
 STITCHED_OUTPUTS = ("labels", "probs")  # logits cannot be averaged meaningfully: the protocol averages softmax
 
@@ -61,7 +61,7 @@ def _bands(edges: set[int], size: int) -> list[tuple[int, int]]:
 
 
 def stitch_plan(image_size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]) -> StitchPlan:
-    """The `full_tiles` windows of an `image_size` image (`imas_train.tiling.plan_windows`) and their cells."""
+    """The `full_tiles` windows of an `image_size` image (`imas_core.tiling.plan_windows`) and their cells."""
     h, w = image_size
     windows = plan_windows(h, w, window, stride, "full_tiles")
     rows = []

@@ -16,22 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imas_export.cuda_info import GpuInfo, gpu_info
+from imas_core.artifacts import ExportedModelMeta, sidecar_path, write_exported_meta
+from imas_core.atomic import atomic_write_bytes, sha256_file
+from imas_core.errors import ExportError, RuntimeUnavailable
+from imas_core.runtime import GpuInfo, gpu_info, import_tensorrt, parse_version
 from imas_export.graph import check_onnx_artifact
 from imas_export.options import DEFAULT_ENGINE_BATCH, EngineOptions
 from imas_export.stages import Stage, StageCallback, StageLog
-from imas_train.artifacts import ExportedModelMeta, atomic_write_bytes, sha256_file, sidecar_path, write_exported_meta
-from imas_train.errors import ExportError
 
 _log = logging.getLogger(__name__)
 HARDWARE_COMPAT = {"none": None, "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
 TRTEXEC_HARDWARE_COMPAT = {"ampere+": "ampere+", "same-cc": "sameComputeCapability"}
 MIN_VERSION = (10, 0)  # the named-tensor API and STRONGLY_TYPED networks
 SAME_CC_VERSION = (10, 9)  # HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY appeared in 10.9
-
-
-class TensorRTUnavailable(ExportError):
-    """TensorRT or a CUDA GPU is missing on this machine (the CLI exits with code 3)."""
 
 
 @dataclass(frozen=True)
@@ -45,12 +42,6 @@ class EngineBuildResult:
     stages: list[Stage]
 
 
-def parse_version(version: str) -> tuple[int, int, int]:
-    """'10.13.0.35' -> (10, 13, 0); missing parts are 0."""
-    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in version.split(".")[:3]]
-    return (parts + [0, 0, 0])[0], (parts + [0, 0, 0])[1], (parts + [0, 0, 0])[2]
-
-
 def build_plan(trt_version: str, *, version_compatible: bool, hardware_compat: str) -> dict[str, Any]:
     """Every TensorRT-version-dependent build decision, as plain data (CPU tests call this with fake versions).
 
@@ -60,7 +51,7 @@ def build_plan(trt_version: str, *, version_compatible: bool, hardware_compat: s
       and trtexec's --stronglyTyped is a no-op that is left out.
     * SAME_COMPUTE_CAPABILITY exists from 10.9; AMPERE_PLUS and VERSION_COMPATIBLE from 8.6.
     """
-    major, minor, _ = parse_version(trt_version)
+    major, minor = parse_version(trt_version)[:2]
     if (major, minor) < MIN_VERSION:
         raise ExportError(f"TensorRT {trt_version} is too old: this build uses the 10.x API; install tensorrt>=10.3")
     if hardware_compat not in HARDWARE_COMPAT:
@@ -142,14 +133,9 @@ def trtexec_command(
 
 
 def _import_tensorrt(trtexec: str) -> Any:
-    try:
-        import tensorrt as trt  # optional; present on GPU hosts and Jetsons only
-    except ImportError as err:
-        raise TensorRTUnavailable(
-            "TensorRT is not installed: pip install 'imas[trt]' on a machine with an NVIDIA GPU, "
-            f"or build on the Jetson with trtexec: {trtexec}"
-        ) from err
-    return trt
+    return import_tensorrt(
+        f"pip install 'imas[trt]' on a machine with an NVIDIA GPU, or build on the Jetson with trtexec: {trtexec}"
+    )
 
 
 def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
@@ -169,7 +155,7 @@ def _parse(trt: Any, network: Any, logger: Any, onnx_path: Path) -> None:
 def _gpu_or_raise(trtexec: str) -> GpuInfo:
     info = gpu_info()
     if info is None:
-        raise TensorRTUnavailable(
+        raise RuntimeUnavailable(
             "no CUDA GPU is visible (the NVIDIA driver's libcuda is missing or reports no device): build on a machine "
             f"with an NVIDIA GPU, or on the Jetson with trtexec: {trtexec}"
         )

@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from imas_export.cuda_info import gpu_info
+from imas_core.artifacts import ExportedModelMeta, TeacherMeta, read_exported_meta
+from imas_core.errors import ArtifactError
+from imas_core.runtime import gpu_info
 from imas_export.graph import check_onnx_artifact, ort_runner, ort_session
 from imas_export.options import VerifyOptions
 from imas_export.parity import ParityReport, Runner, compare, require_passed, run_batched, teacher_reference, thresholds
 from imas_export.samples import Samples, demo_samples, load_folder
 from imas_export.stages import Stage, StageCallback, StageLog
-from imas_train.artifacts import ExportedModelMeta, TeacherMeta, read_exported_meta
-from imas_train.errors import ArtifactError
 
 _log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _tensorrt_runner(engine: Path, meta: ExportedModelMeta) -> tuple[Runner | No
     if gpu_info() is None:
         return None, "no CUDA GPU is visible", None
     try:
-        from imas_infer.backends.tensorrt_backend import TensorRTBackend
+        from imas_core.runners.tensorrt_backend import TensorRTBackend
     except ImportError as err:
         return None, f"the imas_infer TensorRT backend is unavailable ({err})", None
     backend = TensorRTBackend(engine, meta)

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imas_infer.backends import open_backend
+from imas_core import __version__
+from imas_core.runners import open_backend
 from imas_infer.evaluate import EvalResult, Evaluator, match_ground_truth
 from imas_infer.image_io import discover_inputs
 from imas_infer.options import InferOptions, RunSettings, resolve_settings
 from imas_infer.pipeline import OutputSpec, SyntheticItem, run_pipeline
 from imas_infer.report import RunSummary, benchmark_model, model_benchmark_dict, write_report
-from imas_train import __version__
 
 __all__ = ["InferEvents", "InferOptions", "InferResult", "RunSettings", "__version__", "infer"]
 

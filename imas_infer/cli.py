@@ -1,7 +1,8 @@
 """`imas-infer`: command-line front end of `imas_infer.infer`.
 
-Exit codes: 0 every image processed; 3 some images failed (each reported on stderr, the rest written); 2 unusable
-arguments, inputs or model (argparse errors too); 130 interrupted.
+Exit codes (`imas_core.errors`): 0 every image processed; 2 unusable arguments, inputs or model (argparse errors
+too); 3 some images failed (each reported on stderr, the rest written); 4 the backend's runtime or GPU is missing;
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from imas_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ImasError, exit_code
 from imas_infer.options import BACKENDS, SAVE_KINDS, InferOptions
-from imas_train.errors import ImasError
-
-EXIT_OK, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -170,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImasError as err:
         console.close()
         print(f"imas-infer: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_code(err)
     except KeyboardInterrupt:
         console.close()
         print("imas-infer: interrupted", file=sys.stderr)

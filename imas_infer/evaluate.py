@@ -1,7 +1,7 @@
 """`--gt`: mIoU of the predictions against ground-truth label PNGs, reduced like training-time evaluation.
 
-Per image, `imas_train.scores.intersection_union` (ignore 255); over the run, the sums go through
-`imas_train.scores.miou`, the same reduction the training evaluator uses, so both report the same number for the
+Per image, `imas_core.scores.intersection_union` (ignore 255); over the run, the sums go through
+`imas_core.scores.miou`, the same reduction the training evaluator uses, so both report the same number for the
 same predictions.
 
 Matching an input at relative path `<dir>/<stem>.<ext>` to its ground truth, the first existing candidate wins,
@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imas_core.classes import cityscapes_label_to_train_table
+from imas_core.constants import IGNORE_INDEX
+from imas_core.errors import InferError
+from imas_core.scores import format_iou_table, intersection_union, miou
 from imas_infer.image_io import CITYSCAPES_IMAGE_SUFFIX, InputItem
-from imas_train.classes import cityscapes_label_to_train_table
-from imas_train.config import IGNORE_INDEX
-from imas_train.errors import InferError
-from imas_train.scores import format_iou_table, intersection_union, miou
 
 _LABEL_IDS_SUFFIX = "_labelIds.png"
 

@@ -22,16 +22,14 @@ from __future__ import annotations
 import glob
 import io
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image
 
-from imas_train.errors import InferError
+from imas_core.atomic import atomic_write
+from imas_core.errors import InferError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit"
@@ -127,34 +125,21 @@ def output_path(root: Path, kind: str, rel: Path) -> Path:
     return root / kind / rel.parent / name
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_png(path: Path, array: np.ndarray) -> None:
     """(H, W) uint8 -> 8-bit greyscale PNG; (H, W, 3) uint8 -> RGB PNG."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
-    atomic_write(path, lambda fh: fh.write(buf.getbuffer()))
+    atomic_write(path, lambda fh: fh.write(buf.getbuffer()), fsync=False)
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="JPEG", quality=quality)
-    atomic_write(path, lambda fh: fh.write(buf.getbuffer()))
+    atomic_write(path, lambda fh: fh.write(buf.getbuffer()), fsync=False)
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+    atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False), fsync=False)
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:

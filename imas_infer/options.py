@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from imas_train.errors import InferError
+from imas_core.errors import InferError
 
 if TYPE_CHECKING:
-    from imas_infer.backends.base import ModelInfo
+    from imas_core.runners.base import ModelInfo
 
 BackendName = Literal["ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch"]
 Protocol = Literal["fast", "imas"]

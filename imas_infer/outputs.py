@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imas_core.classes import CITYSCAPES_TRAIN_TO_LABEL_ID
 from imas_infer import image_io
-from imas_train.classes import CITYSCAPES_TRAIN_TO_LABEL_ID
 
 _CITYSCAPES_IDS = np.zeros(256, dtype=np.uint8)  # train id -> label id; 255 (and anything unmapped) -> 0
 _CITYSCAPES_IDS[: len(CITYSCAPES_TRAIN_TO_LABEL_ID)] = CITYSCAPES_TRAIN_TO_LABEL_ID

@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from imas_core.constants import PAD_RGB
+from imas_core.errors import InferError
+from imas_core.runners.base import Backend
 from imas_infer import image_io
-from imas_infer.backends.base import Backend
 from imas_infer.evaluate import Evaluator
 from imas_infer.image_io import InputItem
 from imas_infer.options import RunSettings
@@ -36,8 +38,6 @@ from imas_infer.outputs import OutputSpec, write_outputs
 from imas_infer.report import RunSummary, Timings
 from imas_infer.stitch import Batcher, ImageJob, Task, fill_batch, pad_image, plan_image, windows_overlap
 from imas_infer.whole_images import WholeImageBatches
-from imas_train.config import PAD_RGB
-from imas_train.errors import InferError
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imas_train.artifacts import atomic_write_json
+from imas_core.atomic import atomic_write_json
 
 if TYPE_CHECKING:
-    from imas_infer.backends.base import Backend
+    from imas_core.runners.base import Backend
     from imas_infer.options import RunSettings
 
 STAGES = ("decode", "preprocess", "model", "stitch", "write", "eval")

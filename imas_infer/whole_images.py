@@ -12,10 +12,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from imas_infer.backends.base import Backend
+from imas_core.runners.base import Backend
+from imas_core.stitching import argmax_channels
 from imas_infer.options import RunSettings
 from imas_infer.report import Timings
-from imas_infer.stitch import argmax_channels
 
 
 class Finished(NamedTuple):

@@ -1,3 +1,5 @@
-"""iMAS semi-supervised semantic segmentation: training package (the root of the import tiers)."""
+"""Training package: DeepLabV3+ models, data, methods (`imas_train.methods`) and the training loop."""
 
-__version__ = "0.1.0"
+from imas_core import __version__
+
+__all__ = ["__version__"]

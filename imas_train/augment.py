@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from albumentations.core.transforms_interface import DualTransform  # noqa: E402
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps  # noqa: E402
 
-from imas_train.config import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PAD_RGB  # noqa: E402
+from imas_core.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PAD_RGB  # noqa: E402
 
 ScaleMode = Literal["fixed_base", "long_side", "relative"]
 _PAD_MARK = 255  # the valid-mask channel starts at 0 and is padded with the label fill value: 255 marks padding

@@ -13,16 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from imas_train.artifacts import (
-    TeacherMeta,
-    atomic_write_bytes,
-    read_teacher_meta,
-    sha256_file,
-    teacher_sidecar_path,
-    write_teacher_meta,
-)
+from imas_core.artifacts import TeacherMeta, read_teacher_meta, teacher_sidecar_path, write_teacher_meta
+from imas_core.atomic import atomic_write_bytes, sha256_file
+from imas_core.errors import ArtifactError, ConfigError, WeightsError
 from imas_train.config import model_config_from_dict
-from imas_train.errors import ArtifactError, ConfigError, WeightsError
 from imas_train.models import DeepLabV3Plus, build_model
 
 _SHOW = 10  # keys listed per category in an error message

@@ -2,7 +2,8 @@
 
 Launch forms (STYLE.md §4.2): ``accelerate launch imas_train --config X``, ``accelerate launch -m imas_train
 --config X``, ``python -m imas_train --config X``, ``torchrun --nproc_per_node N -m imas_train --config X``.
-Libraries raise; this module prints the error and picks the exit code (1 for an `ImasError`).
+Libraries raise; this module prints the error and picks the exit code (`imas_core.errors`: 2 for an `ImasError`,
+3 when ``check-data`` finds problems, 130 interrupted).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
-from imas_train.errors import ImasError
+from imas_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ImasError, exit_code
 
 __all__ = ["build_parser", "main"]
 
@@ -98,7 +99,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
 
         report = check_data(cfg.data, cfg.model.num_classes)
         print(report.format())
-        return 0 if report.ok else 1
+        return EXIT_OK if report.ok else EXIT_PARTIAL
 
     from imas_train.train import train
 
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(command, args)
     except ImasError as err:
         print(f"{_PROG}: error: {err}", file=sys.stderr)
-        return 1
+        return exit_code(err)
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted; resume with --resume auto", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

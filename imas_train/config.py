@@ -7,22 +7,16 @@ annotation. Only values shared by every reference run have defaults (ALGORITHM.m
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-from imas_train.errors import ConfigError
-
-IGNORE_INDEX = 255  # ignore label everywhere (ALGORITHM.md §5.1)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PAD_RGB = (123, 116, 103)  # ImageNet mean x 255 as uint8: pad colour of weak augmentation (§5.3)
+from imas_core.constants import DEFAULT_WINDOW
+from imas_core.errors import ConfigError
+from imas_core.typed import from_dict, to_dict
 
 
 @dataclass(frozen=True)
@@ -133,7 +127,7 @@ class EvalConfig:
     """Validation protocol (ALGORITHM.md §8)."""
 
     protocol: Literal["imas", "full_tiles", "whole"]  # imas for Cityscapes, whole for VOC
-    window: int = 769
+    window: int = DEFAULT_WINDOW
     stride: int | None = None  # None: floor(window * 2 / 3), 512 for 769
     every_epochs: int = 1
     student: bool = False  # also evaluate the student (the reference does; costs as much again)
@@ -207,83 +201,6 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
-def from_dict(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and checking every value's type."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"{where}: unknown key {key!r} in {cls.__name__}{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _coerce(hints[name], raw[name], f"{where}: {name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r} in {cls.__name__}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
-    if origin is Literal:
-        if value not in args or type(value) is not type(args[args.index(value)]):
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
-        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = args
-        return {_coerce(kt, k, f"{where} key"): _coerce(vt, v, f"{where}[{k}]") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if tp is Path:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a path, got {value!r}")
-        return Path(value).expanduser()
-    raise ConfigError(f"{where}: unsupported annotation {tp}")  # a bug in this module, not in the file
-
-
 def check_consistency(cfg: TrainConfig) -> None:
     """Cross-field checks that no single annotation can express."""
     d = cfg.data
@@ -317,19 +234,6 @@ def check_consistency(cfg: TrainConfig) -> None:
         raise ConfigError(f"imas.cutmix_side_range must satisfy 0 < lo <= hi < 1, got {(lo, hi)}")
     if cfg.model.aux_labeled_only and not cfg.model.aux_head:
         raise ConfigError("model.aux_labeled_only needs model.aux_head: true")
-
-
-def to_dict(cfg: Any) -> Any:
-    """A YAML/JSON-safe dict of a config dataclass (Paths as strings, tuples as lists)."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (tuple, list)):
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, dict):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    if isinstance(cfg, Path):
-        return str(cfg)
-    return cfg
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -20,16 +20,18 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from imas_train.artifacts import TeacherMeta
+from imas_core.artifacts import TeacherMeta
+from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD
+from imas_core.scores import miou as reduce_miou
+from imas_core.tiling import default_stride
+from imas_core.typed import to_dict
 from imas_train.checkpoint import save_teacher
-from imas_train.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, to_dict
+from imas_train.config import TrainConfig
 from imas_train.data import Datasets
 from imas_train.metrics import intersection_union
 from imas_train.plots import plot_easiness, plot_miou
-from imas_train.scores import miou as reduce_miou
 from imas_train.sliding_window import EvalProtocol, predict_sliding
 from imas_train.state import Progress
-from imas_train.tiling import default_stride
 
 __all__ = ["EvalResult", "evaluate", "save_artifact", "validate"]
 

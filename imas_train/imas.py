@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imas_train.config import IGNORE_INDEX
+from imas_core.constants import IGNORE_INDEX
 
 __all__ = [
     "class_weighted_iou",

@@ -1,4 +1,4 @@
-"""Per-image intersection and union on the device (torch). Reduce the summed counts with `imas_train.scores.miou`.
+"""Per-image intersection and union on the device (torch). Reduce the summed counts with `imas_core.scores.miou`.
 
 Per-image rows (rather than one running confusion matrix) let Accelerate's ``gather_for_metrics`` drop the padded
 duplicates of the last batch, so every val image is scored exactly once (ALGORITHM.md §10).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from imas_train.config import IGNORE_INDEX
+from imas_core.constants import IGNORE_INDEX
 
 __all__ = ["intersection_union"]
 

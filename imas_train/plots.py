@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from imas_train.artifacts import atomic_write_bytes
+from imas_core.atomic import atomic_write_bytes
 
 __all__ = ["plot_easiness", "plot_miou"]
 

@@ -1,4 +1,4 @@
-"""Sliding-window prediction of full images with a torch model (ALGORITHM.md §8); geometry from `imas_train.tiling`.
+"""Sliding-window prediction of full images with a torch model (ALGORITHM.md §8); geometry from `imas_core.tiling`.
 
 Protocols:
 * ``imas`` (the reference): windows at 0, stride, 2*stride, ... truncated at the border and fed at their own size;
@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from imas_train.config import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
-from imas_train.tiling import Window, default_stride, padded_shape, plan_windows
+from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
+from imas_core.tiling import Window, default_stride, padded_shape, plan_windows
 
 __all__ = ["EvalProtocol", "normalised_pad_value", "predict_sliding", "window_count_map"]
 

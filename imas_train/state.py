@@ -33,9 +33,9 @@ import numpy as np
 from accelerate import Accelerator
 from safetensors.torch import load_file, save
 
-from imas_train.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from imas_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_tree
+from imas_core.errors import TrainingError
 from imas_train.ema import EmaTeacher
-from imas_train.errors import TrainingError
 
 __all__ = ["Progress", "save_checkpoint", "find_checkpoint", "load_checkpoint"]
 
@@ -121,13 +121,6 @@ def _recorded_step(path: Path) -> int:
     return int(json.loads((path / _PROGRESS_FILE).read_text(encoding="utf-8"))["step"])
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def _prune(state_dir: Path, keep: int, current: Path) -> None:
     """Delete stale ``.tmp-*`` saves and all but the newest `keep` complete checkpoints (by recorded step)."""
     for tmp in state_dir.glob(".tmp-*"):
@@ -165,7 +158,7 @@ def save_checkpoint(
         atomic_write_json(tmp / _PROGRESS_FILE, progress.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # the same step saved twice (e.g. a resumed run at an epoch end)
             shutil.rmtree(final)
         os.replace(tmp, final)  # the commit point

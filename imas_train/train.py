@@ -38,16 +38,16 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import imas_train
-from imas_train.artifacts import atomic_write_json, atomic_write_text
+import imas_core
+from imas_core.atomic import atomic_write_json, atomic_write_text
+from imas_core.errors import TrainingError
+from imas_core.scores import format_iou_table
 from imas_train.config import TrainConfig, dump_config
 from imas_train.data import Datasets, build_datasets, iters_per_epoch, make_train_loader, make_val_loader
 from imas_train.ema import EmaTeacher, ema_decay
-from imas_train.errors import TrainingError
 from imas_train.evaluate import EvalResult, save_artifact, validate
 from imas_train.models import build_model
 from imas_train.optim import param_groups, scaled_lr, set_lrs
-from imas_train.scores import format_iou_table
 from imas_train.state import Progress, find_checkpoint, load_checkpoint, save_checkpoint
 from imas_train.step import LOSS_KEYS, LossMeter, StudentForward, imas_step, step_generator, supervised_step
 
@@ -364,7 +364,7 @@ def _checkpoint(
 
 def _run_info(accelerator: Accelerator, resumed_from: Path | None) -> dict[str, Any]:
     return {
-        "imas": imas_train.__version__,
+        "imas": imas_core.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,

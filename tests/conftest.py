@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from imas_train.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD
+from imas_train.config import ModelConfig
 
 TINY_CLASS_NAMES = ["a", "b", "c"]
 TINY_PALETTE = [[0, 0, 0], [200, 30, 30], [30, 200, 30]]
@@ -57,9 +58,9 @@ def tiny_teacher(tmp_path: Path, tiny_model_cfg: ModelConfig) -> Path:
     """
     import torch
 
-    from imas_train.artifacts import TeacherMeta
+    from imas_core.artifacts import TeacherMeta
+    from imas_core.typed import to_dict
     from imas_train.checkpoint import save_teacher
-    from imas_train.config import to_dict
     from imas_train.models import build_model
 
     torch.manual_seed(0)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imas_core.classes import builtin_classes, generated_palette
+from imas_core.errors import DataError
 from imas_train.augment import WeakAugment
-from imas_train.classes import builtin_classes, generated_palette
 from imas_train.config import DataConfig
 from imas_train.data.datasets import LabeledDataset, UnlabeledDataset, ValDataset
 from imas_train.data.demo import DemoSource
 from imas_train.data.lists import list_sha256, read_list
 from imas_train.data.sources import FileSource, Resolver, Sample, Source
-from imas_train.errors import DataError
 
 _MAX_LISTED = 5  # missing files named in a build error; `imas-train check-data` lists all of them
 

@@ -15,12 +15,12 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from imas_core.errors import DataError, ImasError
 from imas_train.config import DataConfig
 from imas_train.data.build import class_info
 from imas_train.data.labels import LABEL_MODES, label_mode_message
 from imas_train.data.lists import read_list
 from imas_train.data.sources import Resolver, Sample
-from imas_train.errors import DataError, ImasError
 
 KINDS = (
     "config", "list", "empty", "duplicate", "overlap", "missing", "unreadable", "label_mode", "size_mismatch",

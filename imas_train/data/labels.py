@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imas_train.classes import cityscapes_label_to_train_table
-from imas_train.config import IGNORE_INDEX
-from imas_train.errors import ConfigError, DataError
+from imas_core.classes import cityscapes_label_to_train_table
+from imas_core.constants import IGNORE_INDEX
+from imas_core.errors import ConfigError, DataError
 
 INVALID = -1  # table entry of a raw value that is neither a class nor ignore
 LABEL_MODES = ("L", "P", "1")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imas_train.artifacts import atomic_write_text, sha256_file
-from imas_train.errors import DataError
+from imas_core.atomic import atomic_write_text, sha256_file
+from imas_core.errors import DataError
 
 MAX_TOKENS = 2
 

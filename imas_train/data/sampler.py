@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from imas_train.errors import DataError
+from imas_core.errors import DataError
 
 STREAM_IDS = {"labeled": 1, "unlabeled": 2}  # part of every seed; never renumber (it would change all streams)
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from imas_core.errors import DataError
 from imas_train.config import DataConfig
 from imas_train.data.labels import (
     LabelRule,
@@ -22,7 +23,6 @@ from imas_train.data.labels import (
     read_label,
 )
 from imas_train.data.lists import ListEntry
-from imas_train.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _CITY_IMAGE_SUFFIX = "_leftImg8bit.png"

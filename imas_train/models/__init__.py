@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from imas_core.errors import ConfigError
 from imas_train.config import ModelConfig
-from imas_train.errors import ConfigError
 from imas_train.models.deeplabv3plus import DeepLabV3Plus
 from imas_train.models.resnet import BLOCK_COUNTS, MULTI_GRID, ResNet
 from imas_train.models.weights import WeightsReport, load_backbone_weights

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from imas_train.errors import WeightsError
+from imas_core.errors import WeightsError
 
 _COUNTER = "num_batches_tracked"
 _SHOW = 10  # keys listed per category in an error message

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from imas_train.artifacts import sha256_file, sidecar_path
+from imas_core.artifacts import sidecar_path
+from imas_core.atomic import sha256_file
 from tests.export.export_helpers import WINDOW
 
 

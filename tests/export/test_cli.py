@@ -35,12 +35,12 @@ def test_onnx_then_verify(tiny_teacher: Path, tmp_path: Path, capsys: pytest.Cap
     assert "onnxruntime-cpu fp32: agreement 100.000% on 2 images" in out
 
 
-def test_errors_are_one_line_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_are_one_line_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from imas_export.cli import main
 
     code = main(["onnx", "--teacher", str(tmp_path / "missing.safetensors"), "--output", str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("imas-export: error:") and err.count("\n") == 1
+    assert code == 2 and err.startswith("imas-export: error:") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("form", [["-m", "imas_export"], ["imas_export"]])

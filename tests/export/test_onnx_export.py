@@ -13,7 +13,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from imas_train.artifacts import read_exported_meta, read_teacher_meta, sha256_file  # noqa: E402
+from imas_core.artifacts import read_exported_meta, read_teacher_meta  # noqa: E402
+from imas_core.atomic import sha256_file  # noqa: E402
 from tests.export.export_helpers import WINDOW, ort_run, random_images, torch_logits  # noqa: E402
 
 
@@ -118,7 +119,7 @@ def test_labels_head_with_uint8_input(export_tiny: Callable[..., Any], tiny_teac
 
 
 def test_parity_failure_leaves_no_valid_looking_output(export_tiny: Callable[..., Any], tmp_path: Path) -> None:
-    from imas_train.errors import ExportError
+    from imas_core.errors import ExportError
 
     with pytest.raises(ExportError, match="parity check failed"):
         export_tiny(parity={"min_agreement": 1.01})
@@ -127,7 +128,7 @@ def test_parity_failure_leaves_no_valid_looking_output(export_tiny: Callable[...
 
 
 def test_bad_options_are_refused_before_any_work(export_tiny: Callable[..., Any]) -> None:
-    from imas_train.errors import ExportError
+    from imas_core.errors import ExportError
 
     with pytest.raises(ExportError, match="opset"):
         export_tiny(opset=9)

@@ -107,7 +107,7 @@ def test_int8_qdq_export_reports_held_out_agreement(
 
 
 def test_int8_threshold_is_enforced(export_tiny: Callable[..., Any], tmp_path: Path) -> None:
-    from imas_train.errors import ExportError
+    from imas_core.errors import ExportError
 
     calib = _write_demo_pngs(tmp_path / "calib", 3)
     with pytest.raises(ExportError, match="int8"):

@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from imas_train.artifacts import sidecar_path  # noqa: E402
-from imas_train.errors import ArtifactError  # noqa: E402
+from imas_core.artifacts import sidecar_path  # noqa: E402
+from imas_core.errors import ArtifactError  # noqa: E402
 
 
 def _flip_last_byte(path: Path) -> None:
@@ -32,9 +32,9 @@ def test_tampered_onnx_is_refused_by_trt_and_verify(
     _flip_last_byte(path)
     with pytest.raises(ArtifactError, match="sha256"):
         check_onnx_artifact(path)
-    assert main(["trt", "--onnx", str(path), "--output", str(path.with_suffix(".engine"))]) == 1
+    assert main(["trt", "--onnx", str(path), "--output", str(path.with_suffix(".engine"))]) == 2
     assert "sha256" in capsys.readouterr().err
-    assert main(["verify", "--teacher", str(tiny_teacher), "--onnx", str(path), "-n", "1"]) == 1
+    assert main(["verify", "--teacher", str(tiny_teacher), "--onnx", str(path), "-n", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("imas-export: error:") and "modified" in err
 

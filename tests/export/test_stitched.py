@@ -13,8 +13,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from imas_train.artifacts import read_exported_meta  # noqa: E402
-from imas_train.errors import ExportError  # noqa: E402
+from imas_core.artifacts import read_exported_meta  # noqa: E402
+from imas_core.errors import ExportError  # noqa: E402
 from tests.export.export_helpers import ort_run, random_images  # noqa: E402
 
 SIZE = (100, 150)  # window 65, stride 43: rows at 0 and 35, columns at 0, 43 and 85 -> 6 overlapping windows

@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from imas_train.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tests.export.export_helpers import ort_run, random_images  # noqa: E402
 from tests.infer.infer_helpers import encode_positions  # noqa: E402
 
@@ -41,9 +41,10 @@ class WindowSensitiveNet(nn.Module):
 
 def _numpy_stitching(net: nn.Module, image: np.ndarray, window: tuple[int, int], stride: tuple[int, int]) -> Any:
     """imas_infer's fast path: plan, pad raw, run every window, softmax + sum + count in NumPy, argmax."""
+    from imas_core.constants import PAD_RGB
+    from imas_core.stitching import NumpyStitcher
     from imas_export.wrapper import ExportWrapper
-    from imas_infer.stitch import NumpyStitcher, pad_image, plan_image
-    from imas_train.config import PAD_RGB
+    from imas_infer.stitch import pad_image, plan_image
 
     h, w = image.shape[:2]
     canvas_hw, windows = plan_image(h, w, "fast", window, stride, window)

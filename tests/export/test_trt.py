@@ -9,15 +9,16 @@ from typing import Any
 
 import pytest
 
+from imas_core.errors import ExportError
+from imas_core.runtime import parse_version
 from imas_export.options import EngineOptions
-from imas_export.trt_build import build_plan, parse_version, profile_shapes, trtexec_command
-from imas_train.errors import ExportError
+from imas_export.trt_build import build_plan, profile_shapes, trtexec_command
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def _meta(window: list[int] | None) -> Any:
-    from imas_train.artifacts import ExportedModelMeta
+    from imas_core.artifacts import ExportedModelMeta
 
     return ExportedModelMeta(
         kind="onnx", num_classes=3, class_names=["a", "b", "c"], palette=[[0, 0, 0]] * 3, mean=[0.5] * 3,
@@ -48,7 +49,7 @@ def test_build_plan_refuses_old_versions_and_late_features() -> None:
         build_plan("10.3.0", version_compatible=False, hardware_compat="same-cc")
     plan = build_plan("10.13.0", version_compatible=False, hardware_compat="same-cc")
     assert plan["hardware_compatibility_level"] == "SAME_COMPUTE_CAPABILITY"
-    assert parse_version("10.13.0.35") == (10, 13, 0) and parse_version("11") == (11, 0, 0)
+    assert parse_version("10.13.0.35") == (10, 13, 0, 35) and parse_version("11") == (11, 0, 0, 0)
 
 
 def test_profile_shapes_static_and_dynamic() -> None:
@@ -106,16 +107,17 @@ def test_trtexec_command() -> None:
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the missing-TensorRT path cannot run here")
-def test_trt_without_tensorrt_says_so_and_exits_3(
+def test_trt_without_tensorrt_says_so_and_exits_4(
     export_tiny: Callable[..., Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from imas_export.cli import EXIT_NO_TENSORRT, main
+    from imas_core.errors import EXIT_UNAVAILABLE
+    from imas_export.cli import main
 
     onnx_path = export_tiny("model.fp16.onnx", precision="fp16").path
     engine = onnx_path.with_suffix(".engine")
-    assert main(["trt", "--onnx", str(onnx_path), "--output", str(engine)]) == EXIT_NO_TENSORRT == 3
+    assert main(["trt", "--onnx", str(onnx_path), "--output", str(engine)]) == EXIT_UNAVAILABLE == 4
     err = capsys.readouterr().err
-    assert err.startswith("imas-export: error: TensorRT is not installed: pip install 'imas[trt]'")
+    assert err.startswith("imas-export: error: TensorRT is not installed; pip install 'imas[trt]'")
     assert f"trtexec --onnx={onnx_path}" in err and "--minShapes=image:1x3x65x97" in err
     assert not engine.exists()
 
@@ -123,9 +125,9 @@ def test_trt_without_tensorrt_says_so_and_exits_3(
 @pytest.mark.gpu
 def test_build_engine_and_verify_on_gpu(export_tiny: Callable[..., Any], tiny_teacher: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorrt")
+    from imas_core.artifacts import read_exported_meta
+    from imas_core.runtime import gpu_info
     from imas_export import VerifyOptions, build_engine, verify
-    from imas_export.cuda_info import gpu_info
-    from imas_train.artifacts import read_exported_meta
 
     if gpu_info() is None:
         pytest.skip("no CUDA GPU visible")
@@ -242,9 +244,9 @@ def test_build_engine_call_sequence_with_a_fake_tensorrt(
     """No real TensorRT here: checks the calls, the raw plan, the timing cache and the sidecar."""
     import sys
 
+    from imas_core.artifacts import read_exported_meta
+    from imas_core.runtime import GpuInfo, gpu_info
     from imas_export import ParityOptions, VerifyOptions, build_engine, trt_build, verify
-    from imas_export.cuda_info import GpuInfo, gpu_info
-    from imas_train.artifacts import read_exported_meta
 
     fake = _FakeTensorRT(version)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)

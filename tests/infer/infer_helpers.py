@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imas_infer.backends.base import Backend, ModelInfo
-from imas_train.artifacts import ExportedModelMeta, sha256_file, write_exported_meta
-from imas_train.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from imas_core.artifacts import ExportedModelMeta, write_exported_meta
+from imas_core.atomic import sha256_file
+from imas_core.classes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
+from imas_core.runners.base import Backend, ModelInfo
 
 CLASS_NAMES = ["zero", "one", "two"]
 PALETTE = [[10, 20, 30], [200, 40, 40], [40, 200, 90]]

@@ -9,16 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imas_infer.backends import backend_for, open_backend, parse_device
-from imas_infer.backends.tensorrt_backend import (
-    check_engine_compat,
-    parse_compute_capability,
-    parse_version,
-    rebuild_command,
-)
+from imas_core.artifacts import ExportedModelMeta, read_exported_meta, write_exported_meta
+from imas_core.atomic import sha256_file
+from imas_core.errors import ArtifactError, InferError, RuntimeUnavailable
+from imas_core.runners import backend_for, open_backend, parse_device
+from imas_core.runners.tensorrt_backend import check_engine_compat, rebuild_command
+from imas_core.runtime import parse_compute_capability, parse_version
 from imas_infer.cli import main
-from imas_train.artifacts import ExportedModelMeta, read_exported_meta, sha256_file, write_exported_meta
-from imas_train.errors import ArtifactError, InferError
 from tests.infer.infer_helpers import expected_logits, make_onnx, random_image
 
 
@@ -87,10 +84,10 @@ def test_ort_checks_the_graph_against_its_sidecar(tmp_path: Path) -> None:
 def test_tensorrt_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     engine, _ = _engine(tmp_path)
-    with pytest.raises(InferError, match="TensorRT is not installed"):
+    with pytest.raises(RuntimeUnavailable, match="TensorRT is not installed"):
         open_backend(engine)
     (tmp_path / "in").mkdir()
-    assert main(["--model", str(engine), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 2
+    assert main(["--model", str(engine), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 4
     assert "TensorRT is not installed" in capsys.readouterr().err
 
 
@@ -131,7 +128,8 @@ def test_engine_compatibility_with_fake_versions(tmp_path: Path) -> None:
 def test_tensorrt_backend_matches_onnxruntime(tmp_path: Path) -> None:
     """Build an engine from the tiny ONNX on this GPU, then run it through the backend and the CLI."""
     trt = pytest.importorskip("tensorrt")
-    from imas_infer.backends.tensorrt_backend import TensorRTBackend, import_cudart
+    from imas_core.runners.tensorrt_backend import TensorRTBackend
+    from imas_core.runtime import import_cudart
 
     onnx_path = make_onnx(tmp_path / "model.onnx", window=(16, 24))
     logger = trt.Logger(trt.Logger.WARNING)

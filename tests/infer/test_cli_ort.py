@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imas_core.classes import CITYSCAPES_TRAIN_TO_LABEL_ID
 from imas_infer.cli import main
-from imas_train.classes import CITYSCAPES_TRAIN_TO_LABEL_ID
 from tests.infer.infer_helpers import PALETTE, expected_logits, make_onnx, random_image, save_image
 
 pytest.importorskip("onnxruntime")

@@ -1,4 +1,4 @@
-"""`--gt`: matching ground truth to inputs and agreeing with `imas_train.scores` on the same predictions."""
+"""`--gt`: matching ground truth to inputs and agreeing with `imas_core.scores` on the same predictions."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imas_core.classes import CITYSCAPES_TRAIN_TO_LABEL_ID
+from imas_core.errors import InferError
+from imas_core.scores import intersection_union, miou
 from imas_infer.cli import main
 from imas_infer.evaluate import gt_candidates, match_ground_truth, read_label_map
 from imas_infer.image_io import InputItem
-from imas_train.classes import CITYSCAPES_TRAIN_TO_LABEL_ID
-from imas_train.errors import InferError
-from imas_train.scores import intersection_union, miou
 from tests.infer.infer_helpers import make_onnx, random_image, save_image
 
 pytest.importorskip("onnxruntime")

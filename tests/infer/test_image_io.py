@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imas_core.errors import InferError
 from imas_infer.image_io import blend, discover_inputs, output_path, read_rgb, write_npy, write_png
-from imas_train.errors import InferError
 from tests.infer.infer_helpers import random_image, save_image
 
 

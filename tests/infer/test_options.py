@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from imas_infer.backends.base import ModelInfo
+from imas_core.errors import InferError
+from imas_core.runners.base import ModelInfo
 from imas_infer.cli import build_parser, options_from_args
 from imas_infer.options import InferOptions, resolve_settings
-from imas_train.errors import InferError
 
 
 def _info(**kw: object) -> ModelInfo:

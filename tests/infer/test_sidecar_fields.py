@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from imas_infer.backends import open_backend
+from imas_core.artifacts import read_exported_meta, sidecar_path, write_exported_meta
+from imas_core.errors import ArtifactError
+from imas_core.runners import open_backend
 from imas_infer.options import DEFAULT_WINDOW, InferOptions, resolve_settings
-from imas_train.artifacts import read_exported_meta, sidecar_path, write_exported_meta
-from imas_train.errors import ArtifactError
 from tests.infer.infer_helpers import make_onnx
 
 pytest.importorskip("onnxruntime")

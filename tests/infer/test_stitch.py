@@ -8,23 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from imas_core.constants import PAD_RGB
+from imas_core.errors import InferError
+from imas_core.stitching import NumpyStitcher, softmax_
+from imas_core.tiling import Window
 from imas_infer.image_io import InputItem
 from imas_infer.options import RunSettings
 from imas_infer.pipeline import OutputSpec, run_pipeline
-from imas_infer.stitch import (
-    Batcher,
-    ImageJob,
-    NumpyStitcher,
-    Task,
-    fill_batch,
-    pad_image,
-    plan_image,
-    softmax_,
-    windows_overlap,
-)
-from imas_train.config import PAD_RGB
-from imas_train.errors import InferError
-from imas_train.tiling import Window
+from imas_infer.stitch import Batcher, ImageJob, Task, fill_batch, pad_image, plan_image, windows_overlap
 from tests.infer.infer_helpers import (
     PositionBackend,
     WindowSensitiveBackend,
@@ -188,7 +179,7 @@ def test_batching_across_images_gives_the_same_labels(tmp_path: Path, mode: str)
 
 
 def test_argmax_channels_equals_numpy_including_ties() -> None:
-    from imas_infer.stitch import argmax_channels
+    from imas_core.stitching import argmax_channels
 
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, size=(7, 300, 33)).astype(np.float32)  # many ties: the first index must win

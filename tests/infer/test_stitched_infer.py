@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imas_infer.backends.base import ModelInfo
+from imas_core.errors import InferError
+from imas_core.runners.base import ModelInfo
 from imas_infer.cli import main
 from imas_infer.options import InferOptions, resolve_settings
-from imas_train.errors import InferError
 from tests.infer.infer_helpers import random_image, save_image
 
 pytest.importorskip("onnxruntime")

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imas_infer.backends import open_backend
+from imas_core.artifacts import read_exported_meta, write_exported_meta
+from imas_core.atomic import sha256_file
+from imas_core.errors import InferError
+from imas_core.runners import open_backend
 from imas_infer.cli import main
-from imas_train.artifacts import read_exported_meta, sha256_file, write_exported_meta
-from imas_train.errors import InferError
 from tests.infer.infer_helpers import conv_weights, expected_logits, make_onnx, random_image, save_image
 
 WINDOW = (16, 24)

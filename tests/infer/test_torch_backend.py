@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imas_core.stitching import NumpyStitcher
+from imas_core.tiling import Window
 from imas_infer.cli import main
-from imas_infer.stitch import NumpyStitcher
-from imas_train.tiling import Window
 from tests.infer.infer_helpers import random_image, save_image
 
 torch = pytest.importorskip("torch")
@@ -24,7 +24,7 @@ def inputs(tmp_path: Path) -> Path:
 
 
 def test_run_matches_the_normalised_teacher(tiny_teacher: Path) -> None:
-    from imas_infer.backends import open_backend
+    from imas_core.runners import open_backend
     from imas_train.checkpoint import load_teacher
 
     batch = np.random.default_rng(0).integers(0, 256, size=(2, 3, 24, 40)).astype(np.float32)
@@ -43,7 +43,7 @@ def test_run_matches_the_normalised_teacher(tiny_teacher: Path) -> None:
 
 
 def test_torch_stitcher_equals_numpy_stitcher() -> None:
-    from imas_infer.backends.torch_backend import TorchStitcher
+    from imas_core.runners.torch_backend import TorchStitcher
 
     scores = np.random.default_rng(1).normal(size=(4, 4, 8, 10)).astype(np.float32)
     windows = [Window(0, 8, 0, 10), Window(3, 11, 4, 14), Window(0, 8, 4, 14), Window(3, 11, 0, 10)]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imas_train.classes import VOC_PALETTE
+from imas_core.classes import VOC_PALETTE
 from imas_train.config import DataConfig
 
 CITY_NAMES = ("aachen_000000_000019", "aachen_000001_000019", "bremen_000000_000019")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
 from imas_train import augment
 from imas_train.augment import (
     STRONG_OPS,
@@ -18,7 +19,6 @@ from imas_train.augment import (
     resize_shape,
     sample_strong_ops,
 )
-from imas_train.config import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
 from imas_train.data.datasets import LabeledDataset, UnlabeledDataset
 from imas_train.data.demo import DemoSource
 

@@ -10,16 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from imas_train.artifacts import (
-    TeacherMeta,
-    read_teacher_meta,
-    sha256_file,
-    teacher_sidecar_path,
-    write_teacher_meta,
-)
+from imas_core.artifacts import TeacherMeta, read_teacher_meta, teacher_sidecar_path, write_teacher_meta
+from imas_core.atomic import sha256_file
+from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD
+from imas_core.errors import ArtifactError
+from imas_core.typed import to_dict
 from imas_train.checkpoint import load_teacher, save_teacher
-from imas_train.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, model_config_from_dict, to_dict
-from imas_train.errors import ArtifactError
+from imas_train.config import ModelConfig, model_config_from_dict
 from imas_train.models import build_model
 
 

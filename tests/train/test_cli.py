@@ -44,7 +44,7 @@ def _folder_config(tmp_path: Path) -> Path:
 
 
 def test_check_data_reports_problems_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check-data", "--config", str(_folder_config(tmp_path))]) == 1
+    assert main(["check-data", "--config", str(_folder_config(tmp_path))]) == 3
     out = capsys.readouterr().out
     assert "problem" in out and "bad.png" in out and "missing" in out
 
@@ -57,11 +57,11 @@ def test_check_data_passes_on_the_demo(capsys: pytest.CaptureFixture[str]) -> No
 def test_unknown_key_suggests_the_closest(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--config", str(REPO / "configs" / "demo.yaml"), "--set", "optim.lrr=0.1"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("imas-train: error:") and "did you mean 'lr'" in err
+    assert code == 2 and err.startswith("imas-train: error:") and "did you mean 'lr'" in err
 
 
 def test_missing_config_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--config", str(tmp_path / "nope.yaml")]) == 1
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
 
 
@@ -75,4 +75,4 @@ def test_make_splits_writes_nested_lists(tmp_path: Path, capsys: pytest.CaptureF
     assert len(labeled) == 4 and set(labeled) <= set((tmp_path / "splits" / "6" / "labeled.txt").read_text().split())
     assert len((tmp_path / "splits" / "6" / "unlabeled.txt").read_text().split()) == 26
     assert "sha256" in capsys.readouterr().out
-    assert main(["make-splits", "--list", str(listing), "--out", str(tmp_path / "x"), "--fractions", "2.5"]) == 1
+    assert main(["make-splits", "--list", str(listing), "--out", str(tmp_path / "x"), "--fractions", "2.5"]) == 2

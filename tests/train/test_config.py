@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imas_core.errors import ConfigError
 from imas_train.config import TrainConfig, dump_config, load_config
-from imas_train.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 BASE = Path(__file__).resolve().parents[2] / "configs" / "cityscapes_os16_186.yaml"

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from imas_train.artifacts import sha256_file
+from imas_core.atomic import sha256_file
+from imas_core.errors import DataError
 from imas_train.data.lists import list_sha256, make_splits, parse_list_text, read_list, write_splits
-from imas_train.errors import DataError
 
 LIST_TEXT = """# a comment line
 2007_000032

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from imas_train.classes import cityscapes_label_to_train_table
+from imas_core.classes import cityscapes_label_to_train_table
+from imas_core.errors import DataError
 from imas_train.data import build_datasets
 from imas_train.data.labels import folder_rule, read_label, read_label_raw
 from imas_train.data.lists import ListEntry
 from imas_train.data.sources import FileSource, Resolver, pair_folder
-from imas_train.errors import DataError
 from tests.train.data_fixtures import (
     CITY_NAMES,
     VOC_IDS,

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from imas_train.classes import DEMO_CLASSES
+from imas_core.classes import DEMO_CLASSES
 from imas_train.data.demo import (
     BACKGROUND,
     BOX,

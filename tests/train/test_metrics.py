@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from imas_train import scores
+from imas_core import scores
 from imas_train.metrics import intersection_union
 
 
@@ -66,5 +66,5 @@ def test_format_iou_table() -> None:
 
 
 def test_scores_imports_without_torch() -> None:
-    code = "import sys, imas_train.scores; assert 'torch' not in sys.modules"
+    code = "import sys, imas_core.scores; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

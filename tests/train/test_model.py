@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imas_core.errors import ConfigError
 from imas_train.config import ModelConfig
-from imas_train.errors import ConfigError
 from imas_train.models import build_model
 from imas_train.models.resnet import ResNet
 

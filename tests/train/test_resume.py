@@ -10,7 +10,7 @@ import torch
 
 import imas_train.state
 import imas_train.train
-from imas_train.errors import TrainingError
+from imas_core.errors import TrainingError
 from imas_train.state import Progress, find_checkpoint
 from tests.train.test_train import demo_cfg
 

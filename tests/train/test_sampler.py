@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from imas_core.errors import DataError
 from imas_train.augment import WeakAugment
 from imas_train.data.datasets import UnlabeledDataset
 from imas_train.data.demo import DemoSource
@@ -17,7 +18,6 @@ from imas_train.data.sampler import (
     make_train_loader,
     rank_stream,
 )
-from imas_train.errors import DataError
 
 
 @pytest.mark.parametrize(

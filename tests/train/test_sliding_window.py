@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from imas_train.config import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
+from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD, PAD_RGB
 from imas_train.sliding_window import normalised_pad_value, predict_sliding, window_count_map
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imas_train.tiling import default_stride, padded_shape, plan_windows, window_starts
+from imas_core.tiling import default_stride, padded_shape, plan_windows, window_starts
 
 
 def test_reference_cityscapes_geometry() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from imas_train.errors import WeightsError
+from imas_core.errors import WeightsError
 from imas_train.models.resnet import ResNet
 from imas_train.models.weights import detect_stem, load_backbone_weights, read_state_dict
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from imas_infer.stitch import NumpyStitcher, Stitcher
-from imas_train.artifacts import ExportedModelMeta
-from imas_train.tiling import plan_windows
+from imas_core.artifacts import ExportedModelMeta
+from imas_core.stitching import NumpyStitcher, Stitcher
+from imas_core.tiling import plan_windows
 
 
 @dataclass(frozen=True)

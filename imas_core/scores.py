@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from imas_train.config import IGNORE_INDEX
+from imas_core.constants import IGNORE_INDEX
 
 __all__ = ["intersection_union", "miou", "format_iou_table"]
 

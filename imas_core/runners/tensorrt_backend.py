@@ -20,57 +20,21 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imas_infer.backends.base import Backend, info_from_exported
-from imas_train.artifacts import ExportedModelMeta
-from imas_train.errors import ArtifactError, InferError
+from imas_core.artifacts import ExportedModelMeta
+from imas_core.errors import ArtifactError, InferError
+from imas_core.runners.base import Backend, info_from_exported
+from imas_core.runtime import import_cudart, import_tensorrt, parse_compute_capability, parse_version
 
+TENSORRT_ADVICE = (
+    "install it on the GPU host (pip install 'imas[trt]', or JetPack's wheel on a Jetson), "
+    "or run the ONNX model with --backend ort-cuda / ort-cpu"
+)
 MIN_TENSORRT = (10, 0)  # the named-tensor API (num_io_tensors, set_tensor_address, execute_async_v3)
-
-
-def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt  # optional: GPU hosts and Jetsons only
-    except ImportError as err:
-        raise InferError(
-            "TensorRT is not installed; install it on the GPU host (pip install 'imas[trt]', or "
-            "JetPack's wheel on a Jetson), or run the ONNX model with --backend ort-cuda / ort-cpu"
-        ) from err
-    return trt
-
-
-def import_cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python layout
-        except ImportError as err:
-            raise InferError("cuda-python is not installed; pip install 'imas[trt]'") from err
-    return cudart
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """'10.3.0.26' -> (10, 3, 0, 26); non-numeric tails ignored."""
-    return tuple(int(p) for p in re.findall(r"\d+", str(text))[:4])
-
-
-def parse_compute_capability(value: Any) -> tuple[int, int] | None:
-    """'8.6', [8, 6], 'sm_86' or 86 -> (8, 6); None when absent."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple)):
-        return int(value[0]), int(value[1])
-    digits = re.findall(r"\d+", str(value))
-    if len(digits) >= 2:
-        return int(digits[0]), int(digits[1])
-    number = int(digits[0])
-    return number // 10, number % 10
 
 
 def rebuild_command(engine: Path, meta: ExportedModelMeta) -> str:
@@ -148,14 +112,14 @@ class TensorRTBackend(Backend):
 
     Args:
         engine_path: the .engine / .plan file (the raw plan).
-        meta: its sidecar (`imas_train.artifacts.read_exported_meta`).
+        meta: its sidecar (`imas_core.artifacts.read_exported_meta`).
         device_id: CUDA device to run on.
     """
 
     name = "tensorrt"
 
     def __init__(self, engine_path: Path, meta: ExportedModelMeta, *, device_id: int = 0) -> None:
-        trt = import_tensorrt()
+        trt = import_tensorrt(TENSORRT_ADVICE)
         self._cudart = import_cudart()
         self._device_buffers: list[int] = []
         self._host_buffers: list[int] = []

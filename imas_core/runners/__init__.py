@@ -16,9 +16,9 @@ import logging
 import re
 from pathlib import Path
 
-from imas_infer.backends.base import Backend, ModelInfo
-from imas_train.artifacts import read_exported_meta
-from imas_train.errors import InferError
+from imas_core.artifacts import read_exported_meta
+from imas_core.errors import InferError
+from imas_core.runners.base import Backend, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def backend_for(model: Path, override: str | None) -> str:
             )
         return override
     if fmt == "onnx":
-        from imas_infer.backends.onnxruntime_backend import import_onnxruntime
+        from imas_core.runners.onnxruntime_backend import import_onnxruntime
 
         has_cuda = "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
         return "ort-cuda" if has_cuda and _cuda_driver_present() else "ort-cpu"
@@ -97,7 +97,7 @@ def open_backend(
     if name.startswith("ort-"):
         if device == "cpu" and name != "ort-cpu":
             raise InferError(f"--device cpu contradicts --backend {name}")
-        from imas_infer.backends.onnxruntime_backend import OrtBackend
+        from imas_core.runners.onnxruntime_backend import OrtBackend
 
         meta = read_exported_meta(model)
         try:
@@ -108,10 +108,11 @@ def open_backend(
             logger.warning("%s; falling back to ort-cpu", err)  # auto-selected CUDA that does not initialise
             return OrtBackend(model, meta, name="ort-cpu", threads=threads)
     if name == "tensorrt":
-        from imas_infer.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
+        from imas_core.runners.tensorrt_backend import TENSORRT_ADVICE, TensorRTBackend
+        from imas_core.runtime import import_tensorrt
 
-        import_tensorrt()  # a missing runtime is the first thing to report
+        import_tensorrt(TENSORRT_ADVICE)  # a missing runtime is the first thing to report
         return TensorRTBackend(model, read_exported_meta(model), device_id=device_id)
-    from imas_infer.backends.torch_backend import TorchBackend
+    from imas_core.runners.torch_backend import TorchBackend
 
     return TorchBackend(model, device=device, threads=threads)

@@ -1,8 +1,9 @@
 """Artifact files and their JSON sidecars: the contract between training, export and inference.
 
-Tier 0: stdlib and numpy-free. Every artifact `X` has a sidecar `X.json` beside it (`teacher.safetensors` ->
+Stdlib only. Every artifact `X` has a sidecar `X.json` beside it (`teacher.safetensors` ->
 `teacher.safetensors.json` is NOT used: the teacher sidecar is `teacher.json`, see `teacher_sidecar_path`).
-Writes are atomic (temporary file, fsync, rename), so a crash never leaves a truncated file behind.
+Writes are atomic (temporary file, fsync, rename), so a crash never leaves a truncated file behind. Readers check
+every field's type with the same typed loader as the configs (`imas_core.typed`).
 
 Sidecar kinds (field `kind`):
 * ``teacher``: the EMA teacher weights (safetensors) written at the end of training.
@@ -13,67 +14,17 @@ Sidecar kinds (field `kind`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imas_train.errors import ArtifactError
+from imas_core.atomic import atomic_write_json, sha256_file
+from imas_core.constants import DEFAULT_WINDOW
+from imas_core.errors import ArtifactError
+from imas_core.typed import from_dict
 
 FORMAT_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------- atomic file writes
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write `data` to `path` atomically: a reader sees the old file or the complete new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------- sidecars
@@ -101,7 +52,7 @@ class TeacherMeta:
     mean: list[float]  # normalisation applied to 0-1 RGB
     std: list[float]
     weights_sha256: str
-    window: int = 769  # sliding-window size the model was validated with
+    window: int = DEFAULT_WINDOW  # sliding-window size the model was validated with
     stride: int = 512
     eval_protocol: str = "imas"
     dataset: str = ""
@@ -184,7 +135,7 @@ def _meta_from_json(cls: type, raw: Any, path: Path) -> Any:
     unknown = sorted(raw.keys() - names)
     if unknown:
         raise ArtifactError(f"{path}: unknown sidecar field(s) {', '.join(unknown)}; written by a newer toolkit?")
-    return cls(**raw)
+    return from_dict(cls, raw, str(path), ArtifactError)
 
 
 def read_json(path: Path | str) -> Any:

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from imas_infer.backends.base import Backend, ModelInfo
-from imas_infer.stitch import NumpyStitcher, Stitcher
-from imas_train.errors import InferError
-from imas_train.tiling import Window
+from imas_core.errors import InferError
+from imas_core.runners.base import Backend, ModelInfo
+from imas_core.stitching import NumpyStitcher, Stitcher
+from imas_core.tiling import Window
 
 
 def _import_torch() -> Any:

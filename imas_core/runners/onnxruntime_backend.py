@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from imas_infer.backends.base import Backend, ModelInfo, info_from_exported
-from imas_train.artifacts import ExportedModelMeta
-from imas_train.errors import ArtifactError, InferError
+from imas_core.artifacts import ExportedModelMeta
+from imas_core.errors import ArtifactError, InferError, RuntimeUnavailable
+from imas_core.runners.base import Backend, ModelInfo, info_from_exported
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class OrtBackend(Backend):
 
     Args:
         model_path: the .onnx file.
-        meta: its sidecar (`imas_train.artifacts.read_exported_meta`).
+        meta: its sidecar (`imas_core.artifacts.read_exported_meta`).
         name: "ort-cpu", "ort-cuda" or "ort-trt".
         device_id: CUDA device for the GPU providers.
         threads: intra-op threads; None keeps ONNX Runtime's default.
@@ -72,7 +72,7 @@ class OrtBackend(Backend):
         self.info = info_from_exported(model_path, meta, "onnx")
         missing = [p for p in _PROVIDERS[name][:-1] if p not in ort.get_available_providers()]
         if missing:
-            raise InferError(
+            raise RuntimeUnavailable(
                 f"--backend {name}: this onnxruntime build lacks {', '.join(missing)} (it has "
                 f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
             )

@@ -1,9 +1,9 @@
 """Training iteration cost: a supervised-only step vs an iMAS step (faithful and fast), same model and batch.
 
-One iteration = the step function of `imas_train.step` (forwards and losses), backward, SGD step and zero_grad, plus
-the EMA update for iMAS, as in `imas_train.train`. Reported per variant: the median wall time of N timed iterations
-after warm-up (variants interleaved round-robin so machine noise hits all of them alike), its ratio to the
-supervised step, and the FLOPs of one iteration from `torch.utils.flop_counter.FlopCounterMode` (forward + backward
+One iteration = the step function of `imas_train.methods.imas` (forwards and losses), backward, SGD step and zero_grad,
+plus the EMA update for iMAS, as in `imas_train.train`. Reported per variant: the median wall time of N timed iterations
+after warm-up (variants interleaved round-robin so machine noise hits all of them alike), its ratio to the supervised
+step, and the FLOPs of one iteration from `torch.utils.flop_counter.FlopCounterMode` (forward + backward
 convolutions/matmuls), so the measured ratio can be held against the arithmetic one.
 
 CutMix is forced to fire in every iMAS iteration through the config's documented ablation switch
@@ -45,13 +45,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from imas_train.config import ImasConfig, LossConfig
 from imas_train.ema import EmaTeacher
+from imas_train.methods.base import StudentForward, step_generator
+from imas_train.methods.imas import imas_step
+from imas_train.methods.supervised import supervised_step
 from imas_train.models import build_model
-from imas_train.step import StudentForward, imas_step, step_generator, supervised_step
 
 NAME = "train_step"
 VARIANTS = ("supervised", "imas_faithful", "imas_fast")
 ANCHOR_RATIO = {"supervised": 1.0, "imas_faithful": 14 / 3, "imas_fast": 11 / 3}
-TARGET_RATIO = {"imas_faithful": 4.9, "imas_fast": 3.9}  # the issue's acceptance figures
+TARGET_RATIO = {"imas_faithful": 4.9, "imas_fast": 3.9}  # project targets: iMAS time / supervised time, at most
 
 
 def make_batches(b: int, crop: int, k: int, device: str, seed: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -100,9 +102,7 @@ class Iterations:
         self.optimizer.zero_grad(set_to_none=True)
 
     def supervised(self) -> None:
-        out = supervised_step(
-            self.student, self.batch_l, loss=self.loss, aux_labeled_only=False, autocast=self.autocast
-        )
+        out = supervised_step(self.student, self.batch_l, loss=self.loss, autocast=self.autocast)
         self._update(out["loss"])
 
     def imas_variant(self, name: str) -> None:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "time ratio = median iteration time / median supervised iteration time, same run, same model and batch",
         "FLOPs: FlopCounterMode over one whole iteration (no-grad easiness forwards, training forward, backward)",
         "anchor ratio: 14/3 and 11/3 forward-equivalents (ALGORITHM.md §11.5), ignoring the aux head",
-        "CPU runs: the machine was shared with other jobs; only ratios within one run are meaningful",
+        "CPU timings depend on the load (machine.load_average_1_5_15); only ratios within one run are meaningful",
     ]
     path = write_json(args.json, NAME, settings, rows, notes)
     print(f"wrote {path}")

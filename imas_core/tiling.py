@@ -4,9 +4,10 @@ Two protocols (ALGORITHM.md §8):
 * ``imas``: the reference evaluation. Starts are 0, stride, 2*stride, ... < size; each window spans
   [start, min(start + window, size)), so edge windows are *truncated* (a 6-px strip at height 1030 is faithful).
   Probabilities are summed; windows have variable sizes.
-* ``full_tiles`` (called ``fast`` by the inference CLI): every window is a full tile; the last one per axis is moved
-  back flush with the border; an image smaller than a tile is padded bottom/right to the tile size and cropped back.
-  Overlaps are averaged with a count map. Static shapes, so it suits TensorRT engines.
+* ``full_tiles``: every window is a full tile; the last one per axis is moved back flush with the border; an image
+  smaller than a tile is padded bottom/right to the tile size and cropped back. Overlaps are averaged with a count
+  map. Static shapes, so it suits TensorRT engines. Training-time evaluation, `imas-export` (stitched models) and
+  `imas-infer --protocol full_tiles` all use this name.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import math
 from typing import Literal, NamedTuple
 
-Protocol = Literal["imas", "full_tiles"]
+WindowProtocol = Literal["imas", "full_tiles"]
+WINDOW_PROTOCOLS: tuple[WindowProtocol, ...] = ("full_tiles", "imas")  # every value of `WindowProtocol`
 
 
 class Window(NamedTuple):
@@ -54,7 +56,7 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def padded_shape(height: int, width: int, window: int | tuple[int, int], protocol: Protocol) -> tuple[int, int]:
+def padded_shape(height: int, width: int, window: int | tuple[int, int], protocol: WindowProtocol) -> tuple[int, int]:
     """Canvas size the windows live on: the image itself for `imas`, at least one tile for `full_tiles`."""
     wh, ww = _pair(window)
     if protocol == "imas":
@@ -67,12 +69,12 @@ def plan_windows(
     width: int,
     window: int | tuple[int, int],
     stride: int | tuple[int, int],
-    protocol: Protocol,
+    protocol: WindowProtocol,
 ) -> list[Window]:
     """All windows of one image, row-major. For `full_tiles` every window has exactly the window size and lies
     inside `padded_shape(...)`; for `imas` windows lie inside the image and may be smaller at the edges."""
-    if protocol not in ("imas", "full_tiles"):
-        raise ValueError(f"protocol must be 'imas' or 'full_tiles', got {protocol!r}")
+    if protocol not in WINDOW_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(WINDOW_PROTOCOLS)}, got {protocol!r}")
     wh, ww = _pair(window)
     sh, sw = _pair(stride)
     flush = protocol == "full_tiles"

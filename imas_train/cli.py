@@ -105,10 +105,19 @@ def _run(command: str, args: argparse.Namespace) -> int:
 
     if args.output_dir is not None:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=args.output_dir))
-    train(cfg, resume=args.resume)
-    from accelerate import PartialState
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    PartialState().destroy_process_group()
+    stages = logging.getLogger("imas_train")  # one line per stage, printed above the progress bar
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{_PROG}: %(message)s"))
+    stages.addHandler(handler)
+    stages.setLevel(logging.INFO)
+    stages.propagate = False
+    try:
+        with logging_redirect_tqdm(loggers=[stages]):
+            train(cfg, resume=args.resume)
+    finally:
+        stages.removeHandler(handler)
     return 0
 
 

@@ -12,14 +12,13 @@ Glossary (ALGORITHM.md §1):
 * ``easiness``: e = 1 - gamma, (B,), in [0, 1], large for *easy* images (teacher and student agree confidently).
   The paper's "hardness" gamma is never stored; the reference code's ``hardness`` variables hold e (ALGORITHM.md §0).
 * ``partners``: (B,) int64; image i receives CutMix content from image ``partners[i]``.
-* ``boxes``: (B, 4) int64 rows ``(y0, y1, x0, x1)``, half-open, in pixel coordinates.
+
+The CutMix box and the paste live in `imas_train.mixing` with the other methods' mixing blocks.
 
 Every random draw comes from an explicit CPU ``torch.Generator``; nothing here reads global RNG state.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +33,10 @@ __all__ = [
     "easiness",
     "easiness_from_predictions",
     "hard_easy_partners",
-    "random_partners",
     "unsupervised_loss",
     "unsupervised_total",
     "intensity_mix",
     "cutmix_fires",
-    "sample_cutmix_boxes",
-    "box_mask",
-    "paste_cutmix",
 ]
 
 
@@ -191,109 +186,12 @@ def hard_easy_partners(easiness: Tensor) -> Tensor:
     return partners
 
 
-def random_partners(batch_size: int, generator: torch.Generator, device: torch.device | str | None = None) -> Tensor:
-    """Non-adaptive pairing ablation: a uniformly random permutation; image i receives from partners[i].
-
-    Returns:
-        (B,) int64, drawn on the generator's (CPU) device, then moved to `device` when given.
-    """
-    partners = torch.randperm(batch_size, generator=generator)
-    return partners if device is None else partners.to(device)
-
-
 def cutmix_fires(easiness_mean: float, generator: torch.Generator) -> bool:
     """Adaptive trigger: one U(0, 1) draw per process per iteration; CutMix fires if it is < the mean easiness.
 
     Pass the per-process mean (a Python float); with the non-adaptive ablation pass the fixed probability instead.
     """
     return bool(torch.rand((), generator=generator, dtype=torch.float64).item() < easiness_mean)
-
-
-def sample_cutmix_boxes(
-    batch_size: int,
-    height: int,
-    width: int,
-    side_range: tuple[float, float] = (0.1, 0.9),
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """One CutMix box per image (ALGORITHM.md §3 step 5).
-
-    One side ratio v ~ U(lo, hi) for the whole batch gives sides s_h = floor(H v), s_w = floor(W v). Each image draws
-    a centre r uniform in {floor(H/16), ..., H-1} and c uniform in {floor(W/16), ..., W-1}; its box is rows
-    [r - floor(s_h/2), r + floor(s_h/2)) and cols [c - floor(s_w/2), c + floor(s_w/2)), clipped to the image. The
-    side ratio is not scaled by easiness (the reference's mapping flags are off in every run).
-
-    Args:
-        batch_size: B.
-        height, width: H, W of the crop.
-        side_range: (lo, hi) of v.
-        generator: CPU generator supplying every draw (None: torch's default generator).
-
-    Returns:
-        (B, 4) int64 on the CPU, rows (y0, y1, x0, x1); move it to the images' device (or let `paste_cutmix` do it).
-    """
-    lo, hi = side_range
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"side_range must satisfy 0 <= lo <= hi <= 1, got {side_range}")
-    u = torch.rand((), generator=generator, dtype=torch.float64).item()
-    v = lo + (hi - lo) * u
-    half_h, half_w = math.floor(height * v) // 2, math.floor(width * v) // 2
-    rows = torch.randint(height // 16, height, (batch_size,), generator=generator)
-    cols = torch.randint(width // 16, width, (batch_size,), generator=generator)
-    return torch.stack(
-        [
-            (rows - half_h).clamp(0, height),
-            (rows + half_h).clamp(0, height),
-            (cols - half_w).clamp(0, width),
-            (cols + half_w).clamp(0, width),
-        ],
-        dim=1,
-    )
-
-
-def box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
-    """(B, 4) boxes (y0, y1, x0, x1) -> (B, H, W) bool mask, True inside each image's own box."""
-    ys = torch.arange(height, device=boxes.device).view(1, height, 1)
-    xs = torch.arange(width, device=boxes.device).view(1, 1, width)
-    y0, y1, x0, x1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-    return (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-
-
-def paste_cutmix(
-    images: Tensor,
-    labels: Tensor,
-    confs: Tensor,
-    boxes: Tensor,
-    partners: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Inside image i's box, copy image, pseudo-label and confidence from image partners[i], same coordinates.
-
-    Outside its box each image keeps its own pixels. The inputs are not modified. The loss weight of image i stays
-    the receiver's own easiness e_i.
-
-    Args:
-        images: (B, 3, H, W) weak views u_w (normalised).
-        labels: (B, H, W) teacher pseudo-labels.
-        confs: (B, H, W) teacher confidences.
-        boxes: (B, 4) int64 (y0, y1, x0, x1), from `sample_cutmix_boxes`.
-        partners: (B,) int64, from `hard_easy_partners` or `random_partners`.
-
-    Returns:
-        images_cm (B, 3, H, W), labels_cm (B, H, W), confs_cm (B, H, W): new tensors.
-    """
-    b, _, h, w = images.shape
-    if labels.shape != (b, h, w) or confs.shape != (b, h, w) or boxes.shape != (b, 4) or partners.shape != (b,):
-        raise ValueError(
-            f"shape mismatch: images {tuple(images.shape)}, labels {tuple(labels.shape)}, confs {tuple(confs.shape)},"
-            f" boxes {tuple(boxes.shape)}, partners {tuple(partners.shape)}"
-        )
-    device = images.device
-    mask = box_mask(boxes.to(device), h, w)
-    partners = partners.to(device)
-    images_cm = torch.where(mask.unsqueeze(1), images[partners], images)
-    labels_cm = torch.where(mask, labels[partners], labels)
-    confs_cm = torch.where(mask, confs[partners], confs)
-    return images_cm, labels_cm, confs_cm
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -54,13 +54,13 @@ def tiny_model_cfg() -> ModelConfig:
 def tiny_teacher(tmp_path: Path, tiny_model_cfg: ModelConfig) -> Path:
     """Save the tiny model (seed 0, non-trivial BN running stats) as `tmp_path/run/teacher.safetensors` + sidecar.
 
-    Returns the weights path; `imas_train.checkpoint.load_teacher(path)` rebuilds the model.
+    Returns the weights path; `imas_train.teacher_artifact.load_teacher(path)` rebuilds the model.
     """
     import torch
 
     from imas_core.artifacts import TeacherMeta
     from imas_core.typed import to_dict
-    from imas_train.checkpoint import save_teacher
+    from imas_train.teacher_artifact import save_teacher
     from imas_train.models import build_model
 
     torch.manual_seed(0)

@@ -95,7 +95,7 @@ def test_export_without_accelerate() -> None:
 
 def test_models_without_torchvision_or_timm() -> None:
     code = """
-    import sys, imas_train.models, imas_train.imas, imas_train.checkpoint
+    import sys, imas_train.models, imas_train.imas, imas_train.teacher_artifact
     bad = [m for m in sys.modules if m.split('.')[0] in ('torchvision', 'timm', 'accelerate')]
     assert not bad, bad
     """
@@ -106,7 +106,7 @@ def test_models_without_torchvision_or_timm() -> None:
 def test_tier1_without_accelerate() -> None:
     code = """
     import imas_train.models, imas_train.imas, imas_train.losses, imas_train.ema, imas_train.optim
-    import imas_train.metrics, imas_train.sliding_window, imas_train.checkpoint
+    import imas_train.metrics, imas_train.sliding_window, imas_train.teacher_artifact
     """
     res = run_isolated(code, ("accelerate", "albumentations", "tensorboard", "matplotlib"))
     assert res.returncode == 0, res.stderr

@@ -74,7 +74,7 @@ class TorchBackend(Backend):
 
     def __init__(self, weights_path: Path, *, device: str | None = None, threads: int | None = None) -> None:
         torch = self._torch = _import_torch()
-        from imas_train.checkpoint import load_teacher  # tier 1: imports torch
+        from imas_train.teacher_artifact import load_teacher  # tier 1: imports torch
 
         if threads is not None:
             torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from imas_train.augment import WeakAugment, normalise, strong_augment
+from imas_train.augment import WeakAugment, strong_augment, to_chw_uint8
 from imas_train.data.sources import Source
 
 Item = tuple[int, int]  # (dataset index, sample seed)
@@ -22,7 +22,7 @@ def _label_tensor(label: np.ndarray) -> torch.Tensor:
 
 
 class LabeledDataset(Dataset[dict[str, torch.Tensor]]):
-    """Items `{"image": float (3, H, W) normalised, "label": int64 (H, W), "index": int}` at crop size."""
+    """Items `{"image": uint8 (3, H, W) RGB, "label": int64 (H, W), "index": int}` at crop size."""
 
     def __init__(self, source: Source, weak: WeakAugment) -> None:
         self.source = source
@@ -37,11 +37,11 @@ class LabeledDataset(Dataset[dict[str, torch.Tensor]]):
         image, label = self.source.load(index, with_label=True)
         view = self.weak(image, label, rng)
         assert view.label is not None
-        return {"image": normalise(view.image), "label": _label_tensor(view.label), "index": torch.tensor(index)}
+        return {"image": to_chw_uint8(view.image), "label": _label_tensor(view.label), "index": torch.tensor(index)}
 
 
 class UnlabeledDataset(Dataset[dict[str, torch.Tensor]]):
-    """Items `{"image_w", "image_s": float (3, H, W) normalised, pixel-aligned; "valid": bool (H, W), False on
+    """Items `{"image_w", "image_s": uint8 (3, H, W) RGB, pixel-aligned; "valid": bool (H, W), False on
     padding; "index": int}`. image_s is A_s^I applied to image_w's crop (ALGORITHM.md §5.4)."""
 
     def __init__(self, source: Source, weak: WeakAugment, num_strong_ops: int = 2) -> None:
@@ -59,15 +59,15 @@ class UnlabeledDataset(Dataset[dict[str, torch.Tensor]]):
         view = self.weak(image, None, rng)
         strong = strong_augment(view.image, rng, self.num_strong_ops)
         return {
-            "image_w": normalise(view.image),
-            "image_s": normalise(strong),
+            "image_w": to_chw_uint8(view.image),
+            "image_s": to_chw_uint8(strong),
             "valid": torch.from_numpy(view.valid),
             "index": torch.tensor(index),
         }
 
 
 class ValDataset(Dataset[dict[str, object]]):
-    """Items `{"image": float (3, H, W) normalised full image, "label": int64 (H, W), "index": int, "name": str}`,
+    """Items `{"image": uint8 (3, H, W) RGB full image, "label": int64 (H, W), "index": int, "name": str}`,
     indexed by plain ints; no augmentation."""
 
     def __init__(self, source: Source) -> None:
@@ -80,7 +80,7 @@ class ValDataset(Dataset[dict[str, object]]):
         image, label = self.source.load(index, with_label=True)
         assert label is not None
         return {
-            "image": normalise(image),
+            "image": to_chw_uint8(image),
             "label": _label_tensor(label),
             "index": torch.tensor(index),
             "name": self.source.name(index),

@@ -163,7 +163,11 @@ def make_train_loader(
     )
 
 
-def make_val_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
+def make_val_loader(
+    dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """Sequential val loader over every image once, no drop_last. Under Accelerate, `prepare` it and reduce with
     `gather_for_metrics`, which drops the padding duplicates (ALGORITHM.md §10)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers, pin_memory=pin_memory
+    )

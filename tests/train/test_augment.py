@@ -14,10 +14,11 @@ from imas_train.augment import (
     STRONG_OPS,
     WeakAugment,
     apply_strong_ops,
-    normalise,
+    normalise_images,
     op_param,
     resize_shape,
     sample_strong_ops,
+    to_chw_uint8,
 )
 from imas_train.data.datasets import LabeledDataset, UnlabeledDataset
 from imas_train.data.demo import DemoSource
@@ -160,18 +161,25 @@ def test_sample_strong_ops_with_replacement() -> None:
     assert sample_strong_ops(np.random.default_rng(5)) == sample_strong_ops(np.random.default_rng(5))
 
 
-def test_normalise() -> None:
+def test_workers_return_uint8_and_the_device_normalises() -> None:
     image = np.zeros((2, 3, 3), np.uint8)
     image[0, 1] = (255, 128, 0)
-    x = normalise(image)
-    assert x.shape == (3, 2, 3) and x.dtype == torch.float32
+    chw = to_chw_uint8(image)
+    assert chw.shape == (3, 2, 3) and chw.dtype == torch.uint8 and chw.is_contiguous()
+    x = normalise_images(torch.stack([chw, chw]))
+    assert x.shape == (2, 3, 2, 3) and x.dtype == torch.float32
     expected = [(v / 255 - m) / s for v, m, s in zip((255, 128, 0), IMAGENET_MEAN, IMAGENET_STD, strict=True)]
-    torch.testing.assert_close(x[:, 0, 1], torch.tensor(expected))
+    torch.testing.assert_close(x[1, :, 0, 1], torch.tensor(expected))
+    # bit-identical to normalising one image at a time on the CPU, as the workers did before
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    one = (torch.from_numpy(image).permute(2, 0, 1).float() / 255.0 - mean) / std
+    assert torch.equal(x[0], one)
 
 
 def _denorm(x: torch.Tensor) -> np.ndarray:
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((x * std + mean) * 255).round().permute(1, 2, 0).numpy().astype(np.uint8)
+    """A dataset's uint8 (3, H, W) image as (H, W, 3)."""
+    assert x.dtype == torch.uint8
+    return x.permute(1, 2, 0).numpy()
 
 
 def _demo_weak() -> tuple[DemoSource, WeakAugment]:

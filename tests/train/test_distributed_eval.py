@@ -6,6 +6,7 @@ picks up from the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -72,6 +73,7 @@ def _single_process_reference() -> dict:
     """The same counts without Accelerate: every image once, summed in one process."""
     import torch
 
+    from imas_train.augment import normalise_images
     from imas_train.metrics import intersection_union
     from imas_train.sliding_window import predict_sliding
 
@@ -81,7 +83,7 @@ def _single_process_reference() -> dict:
     for i in range(len(scope["data"].val)):
         item = scope["data"].val[i]
         with torch.no_grad():
-            probs = predict_sliding(scope["model"], item["image"][None], 5, 24, 16, "imas")
+            probs = predict_sliding(scope["model"], normalise_images(item["image"][None]), 5, 24, 16, "imas")
         i_, u_ = intersection_union(probs.argmax(1), item["label"][None], 5)
         inter, union = inter + i_.sum(0), union + u_.sum(0)
     return {"inter": inter.tolist(), "union": union.tolist()}
@@ -100,7 +102,7 @@ def test_two_processes_count_each_val_image_once(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_process_training_run(tmp_path: Path) -> None:
     """`torchrun -m imas_train` on CPU: gloo DDP (Accelerate needs cpu=True there), one easiness row per image."""
-    from imas_train.checkpoint import load_teacher
+    from imas_train.teacher_artifact import load_teacher
 
     run = tmp_path / "run"
     overrides = [
@@ -114,7 +116,7 @@ def test_two_process_training_run(tmp_path: Path) -> None:
            "--config", str(REPO / "configs" / "demo.yaml"), "--output-dir", str(run), "--set", *overrides]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "devices: 2 process(es)" in proc.stdout
+    assert "devices: 2 process(es)" in proc.stderr
     rows = (run / "easiness" / "epoch_000.csv").read_text().split()[1:]
     assert sorted(int(r.split(",")[0]) for r in rows) == list(range(8))  # 2 ranks x 2 iterations x 2 images
     assert {p.name for p in (run / "state" / "step-00000002").glob("random_states_*")} == {
@@ -123,3 +125,55 @@ def test_two_process_training_run(tmp_path: Path) -> None:
     }
     _, meta = load_teacher(run / "teacher.safetensors")
     assert meta.training_summary["world_size"] == 2
+
+
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    from imas_train.config import load_config
+    from imas_train.methods import imas as imas_method
+    from imas_train.train import train
+
+    built = []
+    original_init = imas_method.ImasMethod.__init__
+
+    def remember(self, cfg):
+        original_init(self, cfg)
+        built.append(self)
+
+    imas_method.ImasMethod.__init__ = remember
+    cfg = load_config(sys.argv[1], sys.argv[3:])
+    train(cfg)
+    state = built[0].teacher.state_dict()
+    digest = hashlib.sha256(b"".join(state[k].cpu().contiguous().numpy().tobytes() for k in sorted(state)))
+    with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as fh:
+        json.dump({"sha256": digest.hexdigest(), "keys": len(state)}, fh)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_training_keeps_identical_teachers(tmp_path: Path) -> None:
+    """After `train()` under torchrun (2 gloo processes, per-process BN), both ranks hold the same teacher bytes,
+    and they are the bytes of the exported artifact."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    script = tmp_path / "rank_teacher.py"
+    script.write_text(RANK_SCRIPT)
+    overrides = [
+        f"run.output_dir={run}", "data.demo.num_labeled=4", "data.demo.num_unlabeled=8", "data.demo.num_val=2",
+        "data.demo.height=40", "data.demo.width=48", "data.crop_size=33", "data.batch_size=2", "eval.window=48",
+        "optim.epochs=2", "run.tensorboard=false", "imas.sup_only_epochs=0", "run.easiness_csv=false",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(script), str(REPO / "configs" / "demo.yaml"),
+           str(tmp_path), *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["keys"] > 10
+    saved = load_file(str(run / "teacher.safetensors"))
+    digest = hashlib.sha256(b"".join(saved[k].contiguous().numpy().tobytes() for k in sorted(saved)))
+    assert digest.hexdigest() == ranks[0]["sha256"]

@@ -17,12 +17,10 @@ from imas_train.imas import (
     easiness_from_predictions,
     hard_easy_partners,
     intensity_mix,
-    paste_cutmix,
-    random_partners,
-    sample_cutmix_boxes,
     unsupervised_loss,
     unsupervised_total,
 )
+from imas_train.mixing import paste_cutmix, random_partners, sample_cutmix_boxes
 
 # ---------------------------------------------------------------------------------------------------------------
 # Slow oracles, one image at a time, like the reference's numpy code

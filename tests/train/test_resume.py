@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import imas_train.state
+import imas_train.checkpoint
+import imas_train.methods.imas
 import imas_train.train
 from imas_core.errors import TrainingError
-from imas_train.state import Progress, find_checkpoint
+from imas_train.checkpoint import Progress, find_checkpoint
 from tests.train.test_train import demo_cfg
 
 # L = 2 iterations per epoch, 2 epochs: the EMA decay is 0 in epoch 0 and > 0 in epoch 1, so the resumed
@@ -60,7 +61,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypa
         real_replace(src, dst)
 
     with monkeypatch.context() as patch:
-        patch.setattr(imas_train.state.os, "replace", replace)
+        patch.setattr(imas_train.checkpoint.os, "replace", replace)
         with pytest.raises(Killed):
             imas_train.train.train(cfg)
     state = tmp_path / "run" / "state"
@@ -86,7 +87,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = demo_cfg(tmp_path / "run", *SETTINGS)
-    real = imas_train.train.imas_step
+    real = imas_train.methods.imas.imas_step
     calls = []
 
     def poisoned(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -97,7 +98,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(imas_train.train, "imas_step", poisoned)
+    monkeypatch.setattr(imas_train.methods.imas, "imas_step", poisoned)
     with pytest.raises(TrainingError, match=r"non-finite loss at iteration 2: .*loss_u=nan.*step-00000002"):
         imas_train.train.train(cfg)
     state = tmp_path / "run" / "state"
@@ -105,5 +106,5 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     progress = Progress()
     progress.load_state_dict(__import__("json").loads((state / "step-00000002" / "progress.json").read_text()))
     assert progress.step == 2
-    monkeypatch.setattr(imas_train.train, "imas_step", real)
+    monkeypatch.setattr(imas_train.methods.imas, "imas_step", real)
     assert imas_train.train.train(cfg, resume="auto").iterations == 4

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from imas_train.config import ImasConfig, LossConfig, ModelConfig
 from imas_train.ema import EmaTeacher, ema_decay
 from imas_train.imas import confidence_and_labels, easiness
+from imas_train.methods.base import StudentForward, step_generator
+from imas_train.methods.imas import imas_step
+from imas_train.methods.supervised import supervised_step
 from imas_train.models import build_model
-from imas_train.step import StudentForward, imas_step, step_generator, supervised_step
 
 B, H, W = 2, 33, 41
 LOSS = LossConfig(supervised="ce", aux_weight=0.4)
@@ -138,7 +140,7 @@ def test_aux_labeled_only_and_padding_mask(nets) -> None:
 def test_supervised_step_is_main_plus_weighted_aux(nets) -> None:
     student, _ = nets
     batch_l, _ = _batches()
-    out = supervised_step(student, batch_l, loss=LOSS, aux_labeled_only=False)
+    out = supervised_step(student, batch_l, loss=LOSS)
     with torch.no_grad():
         student.train()
         main, aux = student.model.forward_with_aux(batch_l["image"])

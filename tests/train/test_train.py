@@ -32,7 +32,7 @@ def test_demo_config_loads() -> None:
 
 
 def test_two_step_train_writes_every_artifact(tmp_path: Path) -> None:
-    from imas_train.checkpoint import load_teacher
+    from imas_train.teacher_artifact import load_teacher
     from imas_train.train import train
 
     run = tmp_path / "run"
@@ -57,7 +57,7 @@ def test_two_step_train_writes_every_artifact(tmp_path: Path) -> None:
 
 
 def test_supervised_method_exports_the_student(tmp_path: Path) -> None:
-    from imas_train.checkpoint import load_teacher
+    from imas_train.teacher_artifact import load_teacher
     from imas_train.train import train
 
     run = tmp_path / "sup"

@@ -15,9 +15,9 @@ from imas_core.atomic import sha256_file
 from imas_core.constants import IMAGENET_MEAN, IMAGENET_STD
 from imas_core.errors import ArtifactError
 from imas_core.typed import to_dict
-from imas_train.checkpoint import load_teacher, save_teacher
 from imas_train.config import ModelConfig, model_config_from_dict
 from imas_train.models import build_model
+from imas_train.teacher_artifact import load_teacher, save_teacher
 
 
 def _meta(cfg: ModelConfig) -> TeacherMeta:

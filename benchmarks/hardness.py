@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         " frequencies counted class by class, NaN weights + nansum (written from ALGORITHM.md §2, not copied)",
         "lean: the per-image numpy loop with one bincount per direction and frequencies from the histogram rows",
         "proto: one bincount per pair (the other direction is the transpose), count_nonzero ratios; numpy on CPU",
-        "ratios are medians of wall time within this one run; the CPU was shared with other jobs",
+        "ratios are medians of wall time within one run; CPU timings depend on the load (machine.load_average_1_5_15)",
     ]
     path = write_json(args.json, NAME, settings, rows, notes)
     print(f"wrote {path}")

@@ -37,7 +37,7 @@ def sidecar_path(artifact: Path | str) -> Path:
 
 
 def teacher_sidecar_path(weights: Path | str) -> Path:
-    """`teacher.safetensors` -> `teacher.json` (STYLE.md §2)."""
+    """`teacher.safetensors` -> `teacher.json` (docs/style.md §2)."""
     weights = Path(weights)
     return weights.with_suffix(".json")
 

@@ -1,4 +1,4 @@
-"""`python -m imas_export` and `python imas_export` (absolute imports only; STYLE.md §4.2)."""
+"""`python -m imas_export` and `python imas_export` (absolute imports only; docs/style.md §4.2)."""
 
 import sys
 from pathlib import Path

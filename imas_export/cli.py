@@ -55,7 +55,7 @@ def add_onnx_parser(subparsers: Any) -> None:
     p.add_argument(
         "--image-size",
         **_pair(
-            "stitched model: whole images of this static size in, the fast (full_tiles) sliding window run "
+            "stitched model: whole images of this static size in, the full_tiles sliding window run "
             "inside the graph, final labels/probabilities out"
         ),
     )

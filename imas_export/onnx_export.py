@@ -201,7 +201,7 @@ def export_onnx(options: OnnxExportOptions, on_stage: StageCallback | None = Non
         ArtifactError: the teacher or its sidecar is missing, tampered with or inconsistent.
         ExportError: the export, a graph check or the parity check failed (the output is then not written).
     """
-    from imas_train.checkpoint import load_teacher
+    from imas_train.teacher_artifact import load_teacher
 
     _validate(options)
     log = StageLog(on_stage)

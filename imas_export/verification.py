@@ -83,7 +83,7 @@ def verify(options: VerifyOptions, on_stage: StageCallback | None = None) -> Ver
         ArtifactError: an artifact does not match its sidecar or does not come from this teacher.
         ExportError: a backend is below its parity thresholds (every report has been emitted as a stage first).
     """
-    from imas_train.checkpoint import load_teacher
+    from imas_train.teacher_artifact import load_teacher
 
     log = StageLog(on_stage)
     teacher, teacher_meta = load_teacher(options.teacher, "cpu")

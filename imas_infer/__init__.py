@@ -6,8 +6,8 @@ Python API (the CLI is a thin layer over it):
     result = infer(InferOptions(model=Path("model.onnx"), input="val/", output=Path("pred/")))
     result.summary.succeeded, result.evaluation, result.report
 
-The ONNX Runtime and TensorRT paths import only numpy, Pillow, their runtime and tier-0 `imas_train` modules;
-torch is imported only by the torch backend, when it is chosen.
+The ONNX Runtime and TensorRT paths import only numpy, Pillow, `imas_core` and their runtime; torch is imported
+only by the torch runner, when it is chosen (docs/style.md §1).
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
 
     Raises:
         InferError / ArtifactError: unusable options, inputs or model (the CLI's exit code 2). Images that cannot
-        be read or written are not errors: they are listed in `summary.failures`.
+            be read or written are not errors: they are listed in `summary.failures` (exit code 3).
+        RuntimeUnavailable: the backend's runtime (TensorRT, cuda-python, a CUDA provider) or GPU is missing
+            (exit code 4).
     """
     options.validate()
     ev = events or InferEvents()

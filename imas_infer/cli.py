@@ -3,6 +3,9 @@
 Exit codes (`imas_core.errors`): 0 every image processed; 2 unusable arguments, inputs or model (argparse errors
 too); 3 some images failed (each reported on stderr, the rest written); 4 the backend's runtime or GPU is missing;
 130 interrupted.
+
+`--protocol fast` is the deprecated spelling of `--protocol full_tiles`: it is still accepted, with one warning line
+on stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from imas_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ImasError, exit_code
-from imas_infer.options import BACKENDS, SAVE_KINDS, InferOptions
+from imas_core.tiling import WINDOW_PROTOCOLS
+from imas_infer.options import BACKENDS, PROTOCOL_ALIASES, SAVE_KINDS, InferOptions
+
+EPILOG = (
+    "exit codes: 0 ok, 2 unusable arguments, inputs or model, 3 some images failed, "
+    "4 the backend's runtime or GPU is missing, 130 interrupted"
+)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -24,6 +33,15 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
     h = int(match.group(1))
     return h, int(match.group(2) or h)
+
+
+def _protocol(text: str) -> str:
+    """A --protocol value; a deprecated alias is mapped to its new name with one warning line on stderr."""
+    new = PROTOCOL_ALIASES.get(text)
+    if new is None:
+        return text  # argparse checks it against the choices
+    print(f"imas-infer: warning: --protocol {text} is deprecated, use --protocol {new}", file=sys.stderr)
+    return new
 
 
 def _save(text: str) -> tuple[str, ...]:
@@ -41,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imas-infer",
         description="Sliding-window semantic segmentation of images "
         "with an exported iMAS model (ONNX, TensorRT engine or teacher artifact).",
+        epilog=EPILOG,
     )
     p.add_argument("--model", type=Path, required=True, help="model.onnx, *.engine/*.plan, or teacher.safetensors")
     p.add_argument("--input", help="image file, directory (recursive), glob, or .txt list of paths")
@@ -50,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("windows")
     g.add_argument(
         "--protocol",
-        choices=("fast", "imas"),
-        default="fast",
-        help="fast: full tiles, overlaps averaged (static-shape friendly); imas: the reference "
+        type=_protocol,
+        choices=WINDOW_PROTOCOLS,
+        default="full_tiles",
+        help="full_tiles (default): full windows, the last one flush with the border, overlaps averaged "
+        "(static-shape friendly; 'fast' is a deprecated alias); imas: the reference "
         "(769/512, truncated edge windows, summed softmax; needs a dynamic-size model)",
     )
     g.add_argument("--window", type=_size, help="window H[xW] (default: the model's)")

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from imas_core.errors import InferError
+from imas_core.tiling import WINDOW_PROTOCOLS, WindowProtocol
 
 if TYPE_CHECKING:
     from imas_core.runners.base import ModelInfo
 
 BackendName = Literal["ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch"]
-Protocol = Literal["fast", "imas"]
 SaveKind = Literal["labels", "cityscapes-ids", "color", "overlay", "probs"]
+WindowMode = Literal["full_tiles", "imas", "whole", "stitched"]  # how a run cuts images (`RunSettings.mode`)
 
+PROTOCOL_ALIASES = {"fast": "full_tiles"}  # deprecated spellings that `imas-infer --protocol` still accepts
 BACKENDS: tuple[str, ...] = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch")
 SAVE_KINDS: tuple[str, ...] = ("labels", "cityscapes-ids", "color", "overlay", "probs")
 DEFAULT_WINDOW = 769  # reference validation window (ALGORITHM.md §8); used when a dynamic-HW model records none
@@ -36,7 +38,7 @@ class InferOptions:
     output: Path | None  # output root; None only with `benchmark` (then nothing is written)
     backend: BackendName | None = None  # None: chosen from the model file's type
     device: str | None = None  # "cpu", "cuda" or "cuda:N"; None: the backend's default
-    protocol: Protocol = "fast"  # fast = full tiles averaged; imas = the reference (truncated tiles, summed)
+    protocol: WindowProtocol = "full_tiles"  # full tiles, overlaps averaged; imas = the reference (truncated, summed)
     window: tuple[int, int] | None = None  # None: the model's (sidecar) window
     stride: tuple[int, int] | None = None  # None: the sidecar stride
     batch: int | None = None  # windows (whole images for a stitched model) per model call; None: the sidecar max batch
@@ -74,6 +76,10 @@ class InferOptions:
         unknown = [s for s in self.save if s not in SAVE_KINDS]
         if unknown or not self.save:
             raise InferError(f"--save takes a comma list of {', '.join(SAVE_KINDS)}; got {','.join(self.save)!r}")
+        if self.protocol not in WINDOW_PROTOCOLS:
+            renamed = PROTOCOL_ALIASES.get(self.protocol)
+            hint = f" ({self.protocol!r} is now called {renamed!r})" if renamed else ""
+            raise InferError(f"protocol must be one of {', '.join(WINDOW_PROTOCOLS)}, got {self.protocol!r}{hint}")
         if self.whole_image and self.protocol == "imas":
             raise InferError("--whole-image and --protocol imas are exclusive: whole-image runs one window per image")
         for name, pair in (("window", self.window), ("stride", self.stride)):
@@ -94,7 +100,7 @@ class InferOptions:
 class RunSettings:
     """Resolved sliding-window settings of one run."""
 
-    mode: Literal["fast", "imas", "whole", "stitched"]  # stitched: the model runs the windows itself
+    mode: WindowMode  # a `WindowProtocol`, "whole" (one window per image) or "stitched" (the model runs the windows)
     window: tuple[int, int]  # the sliding window (whole mode: the static model window, or the default)
     stride: tuple[int, int]
     batch: int  # windows per model call; whole images for a stitched model
@@ -109,7 +115,7 @@ class RunSettings:
         if self.mode == "stitched":
             (wh, ww), (sh, sw) = self.window, self.stride
             return (
-                f"windows: in the model (fast protocol, window {wh}x{ww}, stride {sh}x{sw}), batch {self.batch} "
+                f"windows: in the model (full_tiles protocol, window {wh}x{ww}, stride {sh}x{sw}), batch {self.batch} "
                 f"images, flip {flip}"
             )
         (wh, ww), (sh, sw) = self.window, self.stride
@@ -134,8 +140,8 @@ def resolve_settings(options: InferOptions, info: ModelInfo) -> RunSettings:
     if options.protocol == "imas" and info.window is not None:
         raise InferError(
             f"--protocol imas needs a model that accepts variable window sizes (the reference truncates edge "
-            f"windows), but {name} has a static {info.window[0]}x{info.window[1]} input; use --protocol fast "
-            "(full tiles), re-export with a dynamic height/width, or run the teacher with --backend torch"
+            f"windows), but {name} has a static {info.window[0]}x{info.window[1]} input; use --protocol full_tiles, "
+            "re-export with a dynamic height/width, or run the teacher with --backend torch"
         )
     window = options.window or info.window or info.default_window or (DEFAULT_WINDOW, DEFAULT_WINDOW)
     stride = options.stride or info.default_stride
@@ -149,7 +155,7 @@ def resolve_settings(options: InferOptions, info: ModelInfo) -> RunSettings:
             f"--batch {batch} exceeds the maximum batch {info.max_batch} of {name}; use --batch <= "
             f"{info.max_batch} or rebuild with a larger maximum batch"
         )
-    mode: Literal["fast", "imas", "whole"] = "whole" if options.whole_image else options.protocol
+    mode: WindowMode = "whole" if options.whole_image else options.protocol
     keep_probs = "probs" in options.save
     if info.output_kind == "labels":
         _check_labels_model(options, name, mode, window, stride, keep_probs)
@@ -186,7 +192,9 @@ def _stitched_settings(options: InferOptions, info: ModelInfo) -> RunSettings:
     """Settings for a stitched model: whole images per call; the windows are fixed inside its graph."""
     name, (h, w) = info.path.name, info.image_size or (0, 0)
     window = info.window or (h, w)
-    stitched = f"{name} is stitched: it runs the fast sliding window ({window[0]}x{window[1]}) on whole {h}x{w} images"
+    stitched = (
+        f"{name} is stitched: it runs the full_tiles sliding window ({window[0]}x{window[1]}) on whole {h}x{w} images"
+    )
     if options.protocol == "imas":
         raise InferError(
             f"--protocol imas is not available: {stitched}; use a window export with dynamic height/width "

@@ -3,7 +3,7 @@
 An image becomes an `ImageJob`: the image padded to its canvas, the windows to run, and an accumulator. Windows of
 all queued images go through a `Batcher`, which packs windows of equal shape into full batches, so one backend call
 serves several images. Each result is added back into its image's canvas by a `Stitcher`:
-* logits are turned into probabilities first (`softmax`), then summed with a count map; the `fast` protocol's
+* logits are turned into probabilities first (`softmax`), then summed with a count map; the `full_tiles` protocol's
   average and the `imas` protocol's sum have the same argmax, and saved probabilities are always the average;
 * class ids (label-output models) are pasted, which is exact only where windows do not overlap (checked upstream).
 Tier 0 + numpy.
@@ -12,12 +12,12 @@ Tier 0 + numpy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
 from imas_core.errors import InferError
-from imas_core.tiling import Window, padded_shape, plan_windows
+from imas_core.tiling import WINDOW_PROTOCOLS, Window, WindowProtocol, padded_shape, plan_windows
 
 
 def plan_image(
@@ -32,8 +32,9 @@ def plan_image(
 
     Args:
         height, width: image size.
-        mode: "fast" (full tiles, last one flush with the border, small images padded), "imas" (the reference:
-            truncated edge windows) or "whole" (one window: the image, or the padded static window).
+        mode: "full_tiles" (full tiles, last one flush with the border, small images padded), "imas" (the
+            reference: truncated edge windows) or "whole" (one window: the image, or the padded static window).
+            Any other value raises ValueError.
         window, stride: (H, W) sliding-window geometry (unused in whole mode).
         static_window: the model's fixed input size, or None when it takes any size.
 
@@ -50,7 +51,9 @@ def plan_image(
                 "dynamic-HW export or the sliding window (drop --whole-image)"
             )
         return (wh, ww), [Window(0, wh, 0, ww)]
-    protocol = "imas" if mode == "imas" else "full_tiles"
+    if mode not in WINDOW_PROTOCOLS:
+        raise ValueError(f"mode must be 'whole' or one of {', '.join(WINDOW_PROTOCOLS)}, got {mode!r}")
+    protocol = cast(WindowProtocol, mode)
     return padded_shape(height, width, window, protocol), plan_windows(height, width, window, stride, protocol)
 
 

@@ -1,4 +1,4 @@
-"""`python -m imas_train`, `accelerate launch -m imas_train` and `accelerate launch imas_train` (STYLE.md §4.2)."""
+"""`python -m imas_train`, `accelerate launch -m imas_train` and `accelerate launch imas_train` (docs/style.md §4.2)."""
 
 import sys
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Command line of the training package: ``imas-train`` (train), ``imas-train check-data``, ``imas-train make-splits``.
 
-Launch forms (STYLE.md §4.2): ``accelerate launch imas_train --config X``, ``accelerate launch -m imas_train
+Launch forms (docs/style.md §4.2): ``accelerate launch imas_train --config X``, ``accelerate launch -m imas_train
 --config X``, ``python -m imas_train --config X``, ``torchrun --nproc_per_node N -m imas_train --config X``.
 Libraries raise; this module prints the error and picks the exit code (`imas_core.errors`: 2 for an `ImasError`,
 3 when ``check-data`` finds problems, 130 interrupted).

@@ -153,16 +153,20 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One experiment."""
+    """One experiment: the shared sections, the method, and the method's own section (docs/design.md "Methods").
+
+    A method's section is required when that method runs and ignored otherwise, so one file can switch methods
+    with ``--set method=...``.
+    """
 
     model: ModelConfig
     data: DataConfig
     loss: LossConfig
     optim: OptimConfig
-    imas: ImasConfig
     eval: EvalConfig
     run: RunConfig
-    method: Literal["imas", "supervised"] = "imas"
+    method: Literal["imas", "supervised"] = "imas"  # a module of imas_train.methods
+    imas: ImasConfig | None = None  # method 'imas' (ALGORITHM.md)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,11 +231,14 @@ def check_consistency(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {val}")
     if cfg.eval.stride is not None and not 1 <= cfg.eval.stride <= cfg.eval.window:
         raise ConfigError(f"eval.stride must be in [1, eval.window={cfg.eval.window}], got {cfg.eval.stride}")
-    if not 0.0 < cfg.imas.tau <= 1.0:
-        raise ConfigError(f"imas.tau must be in (0, 1], got {cfg.imas.tau}")
-    lo, hi = cfg.imas.cutmix_side_range
-    if not 0.0 < lo <= hi < 1.0:
-        raise ConfigError(f"imas.cutmix_side_range must satisfy 0 < lo <= hi < 1, got {(lo, hi)}")
+    if cfg.method == "imas" and cfg.imas is None:
+        raise ConfigError("method 'imas' needs an imas: section (at least imas.tau; see configs/demo.yaml)")
+    if cfg.imas is not None:
+        if not 0.0 < cfg.imas.tau <= 1.0:
+            raise ConfigError(f"imas.tau must be in (0, 1], got {cfg.imas.tau}")
+        lo, hi = cfg.imas.cutmix_side_range
+        if not 0.0 < lo <= hi < 1.0:
+            raise ConfigError(f"imas.cutmix_side_range must satisfy 0 < lo <= hi < 1, got {(lo, hi)}")
     if cfg.model.aux_labeled_only and not cfg.model.aux_head:
         raise ConfigError("model.aux_labeled_only needs model.aux_head: true")
 

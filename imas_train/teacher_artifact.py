@@ -1,4 +1,4 @@
-"""The teacher artifact: ``teacher.safetensors`` + ``teacher.json`` (STYLE.md §2, docs/design.md).
+"""The teacher artifact: ``teacher.safetensors`` + ``teacher.json`` (docs/style.md §2, docs/design.md).
 
 The weights are a flat safetensors state dict (no pickle). The sidecar records the model config, the classes, the
 normalisation and the sha256 of the weights; loading verifies that checksum, rebuilds the model from the sidecar

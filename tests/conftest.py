@@ -60,8 +60,8 @@ def tiny_teacher(tmp_path: Path, tiny_model_cfg: ModelConfig) -> Path:
 
     from imas_core.artifacts import TeacherMeta
     from imas_core.typed import to_dict
-    from imas_train.teacher_artifact import save_teacher
     from imas_train.models import build_model
+    from imas_train.teacher_artifact import save_teacher
 
     torch.manual_seed(0)
     model = build_model(tiny_model_cfg)

@@ -1,4 +1,4 @@
-"""Import tiers (STYLE.md §1, docs/design.md), each checked in a fresh interpreter.
+"""Import tiers (docs/style.md §1, docs/design.md), each checked in a fresh interpreter.
 
 A meta-path finder makes the blocked packages unimportable, so a stray `import torch` fails loudly instead of
 silently working on this development machine.

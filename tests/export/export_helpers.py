@@ -13,7 +13,7 @@ def torch_logits(weights: Path, images: np.ndarray) -> np.ndarray:
     """Teacher logits for raw uint8/float RGB images, normalised here independently of the export wrapper."""
     import torch
 
-    from imas_train.checkpoint import load_teacher
+    from imas_train.teacher_artifact import load_teacher
 
     model, meta = load_teacher(weights, "cpu")
     x = torch.from_numpy(np.asarray(images, dtype=np.float32)) / 255.0

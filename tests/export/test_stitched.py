@@ -23,7 +23,7 @@ SIZE = (100, 150)  # window 65, stride 43: rows at 0 and 35, columns at 0, 43 an
 def _reference(weights: Path, images: np.ndarray) -> np.ndarray:
     """Averaged probabilities of the teacher by the torch full_tiles sliding window (65x65, stride 43)."""
     from imas_export.stitched import sliding_reference
-    from imas_train.checkpoint import load_teacher
+    from imas_train.teacher_artifact import load_teacher
 
     model, meta = load_teacher(weights, "cpu")
     return sliding_reference(model, meta.mean, meta.std, images, 3, (65, 65), (43, 43))

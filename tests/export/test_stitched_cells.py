@@ -40,14 +40,14 @@ class WindowSensitiveNet(nn.Module):
 
 
 def _numpy_stitching(net: nn.Module, image: np.ndarray, window: tuple[int, int], stride: tuple[int, int]) -> Any:
-    """imas_infer's fast path: plan, pad raw, run every window, softmax + sum + count in NumPy, argmax."""
+    """imas_infer's full_tiles path: plan, pad raw, run every window, softmax + sum + count in NumPy, argmax."""
     from imas_core.constants import PAD_RGB
     from imas_core.stitching import NumpyStitcher
     from imas_export.wrapper import ExportWrapper
     from imas_infer.stitch import pad_image, plan_image
 
     h, w = image.shape[:2]
-    canvas_hw, windows = plan_image(h, w, "fast", window, stride, window)
+    canvas_hw, windows = plan_image(h, w, "full_tiles", window, stride, window)
     padded = pad_image(image, canvas_hw, PAD_RGB)
     crops = np.stack([padded[y0:y1, x0:x1].transpose(2, 0, 1) for y0, y1, x0, x1 in windows]).astype(np.float32)
     with torch.inference_mode():

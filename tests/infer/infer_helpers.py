@@ -108,6 +108,11 @@ def make_onnx(
     return path
 
 
+def expected_labels(image: np.ndarray, num_classes: int = 3, seed: int = 0) -> np.ndarray:
+    """(H, W) uint8 class ids the tiny model predicts for an (H, W, 3) uint8 image."""
+    return expected_logits(image, num_classes, seed).argmax(0).astype(np.uint8)
+
+
 def random_image(height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
@@ -116,6 +121,30 @@ def save_image(path: Path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return path
+
+
+def write_images(root: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Random images saved as `root/<relative path>` (the i-th with seed i), keyed by relative path.
+
+    Returns the pixels as read back from disk, so lossy formats (JPEG) compare with what inference decodes.
+    """
+    images = {}
+    for i, (rel, (height, width)) in enumerate(sizes.items()):
+        path = save_image(root / rel, random_image(height, width, seed=i))
+        with Image.open(path) as img:
+            images[rel] = np.asarray(img.convert("RGB"))
+    return images
+
+
+def read_png(path: Path) -> tuple[str, np.ndarray]:
+    """(PIL mode, pixels) of an output image."""
+    with Image.open(path) as img:
+        return img.mode, np.asarray(img)
+
+
+def cli_args(model: Path, inputs: Path, output: Path, *extra: str) -> list[str]:
+    """`imas-infer` arguments: `model` over `inputs`, outputs under `output`, no progress bar, then `extra`."""
+    return ["--model", str(model), "--input", str(inputs), "--output", str(output), "--no-progress", *extra]
 
 
 def encode_positions(height: int, width: int) -> np.ndarray:

@@ -14,7 +14,6 @@ from imas_core.atomic import sha256_file
 from imas_core.errors import ArtifactError, InferError, RuntimeUnavailable
 from imas_core.runners import backend_for, open_backend, parse_device
 from imas_core.runners.tensorrt_backend import check_engine_compat, rebuild_command
-from imas_core.runtime import parse_compute_capability, parse_version
 from imas_infer.cli import main
 from tests.infer.infer_helpers import expected_logits, make_onnx, random_image
 
@@ -89,13 +88,6 @@ def test_tensorrt_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     (tmp_path / "in").mkdir()
     assert main(["--model", str(engine), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 4
     assert "TensorRT is not installed" in capsys.readouterr().err
-
-
-def test_version_helpers() -> None:
-    assert parse_version("10.3.0.26") == (10, 3, 0, 26) and parse_version("11.0.0b1") == (11, 0, 0, 1)
-    assert parse_compute_capability("8.6") == (8, 6) == parse_compute_capability([8, 6])
-    assert parse_compute_capability("sm_86") == (8, 6) and parse_compute_capability(120) == (12, 0)
-    assert parse_compute_capability(None) is None
 
 
 def test_engine_compatibility_with_fake_versions(tmp_path: Path) -> None:

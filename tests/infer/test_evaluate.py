@@ -15,7 +15,7 @@ from imas_core.scores import intersection_union, miou
 from imas_infer.cli import main
 from imas_infer.evaluate import gt_candidates, match_ground_truth, read_label_map
 from imas_infer.image_io import InputItem
-from tests.infer.infer_helpers import make_onnx, random_image, save_image
+from tests.infer.infer_helpers import cli_args, make_onnx, random_image, save_image
 
 pytest.importorskip("onnxruntime")
 
@@ -62,21 +62,7 @@ def test_gt_miou_agrees_with_scores(tmp_path: Path, capsys: pytest.CaptureFixtur
         Image.fromarray(_labels(h, w, i)).save(tmp_path / "gt" / "s" / f"im{i}.png")
     save_image(tmp_path / "in" / "s" / "nogt.png", random_image(8, 8, seed=9))
     out = tmp_path / "out"
-    rc = main(
-        [
-            "--model",
-            str(model),
-            "--input",
-            str(tmp_path / "in"),
-            "--output",
-            str(out),
-            "--gt",
-            str(tmp_path / "gt"),
-            "--report",
-            str(tmp_path / "r.json"),
-            "--no-progress",
-        ]
-    )
+    rc = main(cli_args(model, tmp_path / "in", out, "--gt", str(tmp_path / "gt"), "--report", str(tmp_path / "r.json")))
     assert rc == 0
     stdout = capsys.readouterr().out
     inter_total, union_total = np.zeros(3, np.int64), np.zeros(3, np.int64)
@@ -101,19 +87,7 @@ def test_cityscapes_layout_and_size_mismatch(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "gt" / "ulm").mkdir(parents=True)
     Image.fromarray(_labels(16, 20, 1)).save(tmp_path / "gt" / "ulm" / "ulm_000000_000001_gtFine_labelTrainIds.png")
     Image.fromarray(_labels(9, 9, 2)).save(tmp_path / "gt" / "ulm" / "ulm_000000_000002_gtFine_labelTrainIds.png")
-    rc = main(
-        [
-            "--model",
-            str(model),
-            "--input",
-            str(tmp_path / "left"),
-            "--output",
-            str(tmp_path / "o"),
-            "--gt",
-            str(tmp_path / "gt"),
-            "--no-progress",
-        ]
-    )
+    rc = main(cli_args(model, tmp_path / "left", tmp_path / "o", "--gt", str(tmp_path / "gt")))
     captured = capsys.readouterr()
     assert rc == 3  # the image with a mismatched GT counts as failed
     assert "ulm_000000_000002_gtFine_labelTrainIds.png: ground truth is 9x9, prediction 16x20" in captured.err

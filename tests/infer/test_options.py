@@ -40,7 +40,7 @@ def _opts(**kw: object) -> InferOptions:
 def test_defaults_come_from_the_sidecar() -> None:
     s = resolve_settings(_opts(), _info())
     assert (s.mode, s.window, s.stride, s.batch, s.softmax, s.keep_probs) == (
-        "fast",
+        "full_tiles",
         (769, 769),
         (512, 512),
         4,
@@ -75,7 +75,7 @@ def test_refusals_name_the_reason(options: dict, info: dict, match: str) -> None
 
 def test_labels_model_allowed_without_overlap() -> None:
     assert resolve_settings(_opts(whole_image=True), _info(output_kind="labels")).mode == "whole"
-    assert resolve_settings(_opts(stride=(769, 769)), _info(output_kind="labels")).mode == "fast"
+    assert resolve_settings(_opts(stride=(769, 769)), _info(output_kind="labels")).mode == "full_tiles"
 
 
 @pytest.mark.parametrize(
@@ -88,6 +88,7 @@ def test_labels_model_allowed_without_overlap() -> None:
         ({"whole_image": True, "protocol": "imas"}, "exclusive"),
         ({"batch": 0}, "--batch must be >= 1"),
         ({"save": ("labels", "bogus")}, "--save"),
+        ({"protocol": "fast"}, "'fast' is now called 'full_tiles'"),
     ],
 )
 def test_validate(options: dict, match: str) -> None:
@@ -125,8 +126,27 @@ def test_cli_flags_map_onto_options() -> None:
     assert opts.flip and opts.benchmark and not opts.progress and opts.model == Path("m.onnx")
 
 
+def test_protocol_flag_and_its_deprecated_alias(capsys: pytest.CaptureFixture) -> None:
+    parser = build_parser()
+    base = ["--model", "m.onnx", "--input", "x/", "--output", "o"]
+    assert options_from_args(parser.parse_args(base), parser).protocol == "full_tiles"
+    assert options_from_args(parser.parse_args([*base, "--protocol", "imas"]), parser).protocol == "imas"
+    assert capsys.readouterr().err == ""
+    opts = options_from_args(parser.parse_args([*base, "--protocol", "fast"]), parser)
+    assert opts.protocol == "full_tiles"
+    err = capsys.readouterr().err
+    assert err == "imas-infer: warning: --protocol fast is deprecated, use --protocol full_tiles\n"
+    assert "[--protocol {full_tiles,imas}]" in " ".join(parser.format_usage().split())  # the alias stays unlisted
+
+
 @pytest.mark.parametrize(
-    "argv", [["--input", "x"], ["--model", "m", "--save", "nope"], ["--model", "m", "--window", "a"]]
+    "argv",
+    [
+        ["--input", "x"],
+        ["--model", "m", "--save", "nope"],
+        ["--model", "m", "--window", "a"],
+        ["--model", "m", "--protocol", "quick"],
+    ],
 )
 def test_argparse_errors_exit_2(argv: list[str]) -> None:
     from imas_infer.cli import main

@@ -42,9 +42,9 @@ def _axis_count(size: int, starts: list[int], window: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("window,stride", [((16, 16), (11, 11)), ((16, 24), (16, 24)), ((7, 12), (3, 5))])
-def test_fast_plan_covers_every_pixel_with_full_windows(window: tuple[int, int], stride: tuple[int, int]) -> None:
+def test_full_tiles_plan_covers_every_pixel_with_full_windows(window: tuple[int, int], stride: tuple[int, int]) -> None:
     for h, w in itertools.product(SIZES, SIZES):
-        canvas, windows = plan_image(h, w, "fast", window, stride, window)
+        canvas, windows = plan_image(h, w, "full_tiles", window, stride, window)
         assert canvas == (max(h, window[0]), max(w, window[1]))
         assert all((y1 - y0, x1 - x0) == window for y0, y1, x0, x1 in windows)  # always full tiles
         assert all(0 <= y0 and y1 <= canvas[0] and 0 <= x0 and x1 <= canvas[1] for y0, y1, x0, x1 in windows)
@@ -78,10 +78,15 @@ def test_whole_image_plans() -> None:
         plan_image(30, 12, "whole", (16, 16), (8, 8), (16, 24))
 
 
+def test_unknown_modes_are_refused() -> None:
+    with pytest.raises(ValueError, match="mode must be 'whole' or one of full_tiles, imas, got 'fast'"):
+        plan_image(32, 48, "fast", (16, 24), (16, 24), (16, 24))
+
+
 def test_windows_overlap() -> None:
-    assert not windows_overlap(plan_image(32, 48, "fast", (16, 24), (16, 24), (16, 24))[1])
-    assert windows_overlap(plan_image(33, 48, "fast", (16, 24), (16, 24), (16, 24))[1])  # last row moved back
-    assert windows_overlap(plan_image(32, 48, "fast", (16, 24), (8, 24), (16, 24))[1])
+    assert not windows_overlap(plan_image(32, 48, "full_tiles", (16, 24), (16, 24), (16, 24))[1])
+    assert windows_overlap(plan_image(33, 48, "full_tiles", (16, 24), (16, 24), (16, 24))[1])  # last row moved back
+    assert windows_overlap(plan_image(32, 48, "full_tiles", (16, 24), (8, 24), (16, 24))[1])
 
 
 def test_pad_image_pads_bottom_right_with_pad_rgb() -> None:
@@ -124,12 +129,12 @@ def _stitch_with(backend: PositionBackend, image: np.ndarray, mode: str, window,
     return stitcher.finish(job.canvas, (h, w), keep_probs=True)
 
 
-@pytest.mark.parametrize("mode", ["fast", "imas", "whole"])
+@pytest.mark.parametrize("mode", ["full_tiles", "imas", "whole"])
 @pytest.mark.parametrize("flip", [False, True])
 def test_stitching_reproduces_the_closed_form(mode: str, flip: bool) -> None:
     window, stride = (16, 20), (11, 13)
     for h, w in [(7, 9), (16, 20), (33, 47), (40, 21), (300, 20)]:
-        static = window if mode == "fast" else None
+        static = window if mode == "full_tiles" else None
         backend = PositionBackend(num_classes=4, window=static)
         labels, probs = _stitch_with(backend, encode_positions(h, w), mode, window, stride, flip, batch=5)
         y, x = np.mgrid[:h, :w]
@@ -159,19 +164,19 @@ def _run_images(tmp_path: Path, backend, settings: RunSettings, name: str) -> li
     return [np.asarray(Image.open(tmp_path / name / "labels" / it.rel)) for it in items]
 
 
-@pytest.mark.parametrize("mode", ["fast", "imas"])
+@pytest.mark.parametrize("mode", ["full_tiles", "imas"])
 def test_batching_across_images_gives_the_same_labels(tmp_path: Path, mode: str) -> None:
     sizes = [(20, 30), (35, 41), (16, 16), (9, 50), (50, 9), (33, 33)]
     for i, (h, w) in enumerate(sizes):
         save_image(tmp_path / "in" / f"sub{i % 2}" / f"img{i}.png", random_image(h, w, seed=i))
     results = {}
     for batch in (1, 3, 8):
-        backend = WindowSensitiveBackend(window=(16, 16) if mode == "fast" else None)
+        backend = WindowSensitiveBackend(window=(16, 16) if mode == "full_tiles" else None)
         settings = RunSettings(mode, (16, 16), (11, 11), batch, flip=False, softmax=True, keep_probs=False)
         results[batch] = _run_images(tmp_path, backend, settings, f"out{batch}")
         total = sum(n for n, *_ in backend.calls)
         assert max(n for n, *_ in backend.calls) <= batch
-        if batch == 8 and mode == "fast":  # windows of different images share calls
+        if batch == 8 and mode == "full_tiles":  # windows of different images share calls
             assert len(backend.calls) == -(-total // 8)
     for batch in (3, 8):
         for a, b in zip(results[1], results[batch], strict=True):

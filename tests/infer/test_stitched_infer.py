@@ -105,7 +105,7 @@ def test_stitched_settings_and_their_description() -> None:
         False,
     )
     assert s.describe() == (
-        "windows: in the model (fast protocol, window 769x769, stride 512x512), batch 2 images, flip off"
+        "windows: in the model (full_tiles protocol, window 769x769, stride 512x512), batch 2 images, flip off"
     )
     assert resolve_settings(_opts(batch=1, window=(769, 769)), _info()).batch == 1  # the model's own window is fine
     s = resolve_settings(_opts(flip=True, save=("labels", "probs")), _info(output_kind="probs"))

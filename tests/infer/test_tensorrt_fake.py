@@ -23,7 +23,7 @@ from imas_core.atomic import sha256_file
 from imas_core.errors import InferError
 from imas_core.runners import open_backend
 from imas_infer.cli import main
-from tests.infer.infer_helpers import conv_weights, expected_logits, make_onnx, random_image, save_image
+from tests.infer.infer_helpers import cli_args, conv_weights, expected_logits, make_onnx, random_image, save_image
 
 WINDOW = (16, 24)
 STITCHED_SIZE = (32, 48)  # 3 x 3 windows of 16x24 (stride 10x16) inside the fake stitched engine
@@ -191,37 +191,9 @@ def test_cli_with_the_tensorrt_backend(tmp_path: Path, fake_trt: dict[str, Any],
     for name, image in images.items():
         save_image(tmp_path / "in" / name, image)
     engine = _engine(tmp_path)
-    assert (
-        main(
-            [
-                "--model",
-                str(engine),
-                "--input",
-                str(tmp_path / "in"),
-                "--output",
-                str(tmp_path / "out"),
-                "--batch",
-                "8",
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    assert main(cli_args(engine, tmp_path / "in", tmp_path / "out", "--batch", "8")) == 2
     assert "exceeds the maximum batch 6" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "--model",
-                str(engine),
-                "--input",
-                str(tmp_path / "in"),
-                "--output",
-                str(tmp_path / "out"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(cli_args(engine, tmp_path / "in", tmp_path / "out")) == 0
     for name, image in images.items():
         labels = np.asarray(Image.open(tmp_path / "out" / "labels" / name))
         np.testing.assert_array_equal(labels, expected_logits(image).argmax(0))
@@ -240,8 +212,8 @@ def test_stitched_engine_takes_whole_images_and_returns_only_labels(
     for name, image in images.items():
         save_image(tmp_path / "in" / name, image)
     save_image(tmp_path / "in" / "small.png", random_image(30, 48, seed=7))
-    argv = ["--model", str(_engine(tmp_path, stitched=True)), "--input", str(tmp_path / "in")]
-    assert main([*argv, "--output", str(tmp_path / "out"), "--no-progress"]) == 3  # small.png: wrong size
+    engine = _engine(tmp_path, stitched=True)
+    assert main(cli_args(engine, tmp_path / "in", tmp_path / "out")) == 3  # small.png: wrong size
     captured = capsys.readouterr()
     assert "stitched 32x48, 9 windows in-graph, batch 2 images" in captured.out
     assert "small.png: 30x48 image, but model.engine is stitched for 32x48 images" in captured.err

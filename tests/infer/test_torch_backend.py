@@ -25,7 +25,7 @@ def inputs(tmp_path: Path) -> Path:
 
 def test_run_matches_the_normalised_teacher(tiny_teacher: Path) -> None:
     from imas_core.runners import open_backend
-    from imas_train.checkpoint import load_teacher
+    from imas_train.teacher_artifact import load_teacher
 
     batch = np.random.default_rng(0).integers(0, 256, size=(2, 3, 24, 40)).astype(np.float32)
     with open_backend(tiny_teacher, device="cpu") as backend:
@@ -62,7 +62,7 @@ def test_torch_stitcher_equals_numpy_stitcher() -> None:
 
 
 def test_cli_torch_backend_both_protocols(tiny_teacher: Path, inputs: Path, tmp_path: Path) -> None:
-    for protocol in ("imas", "fast"):
+    for protocol in ("imas", "full_tiles"):
         out = tmp_path / protocol
         rc = main(
             [

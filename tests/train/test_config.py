@@ -25,12 +25,28 @@ def test_configs_exist() -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_every_config_loads(path: Path) -> None:
+def test_every_config_round_trips_exactly(path: Path, tmp_path: Path) -> None:
+    """Every shipped config loads, and the resolved config written next to a run loads back to an equal value."""
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)
-    # Round trip: the resolved config written next to a run loads back to the same value.
-    tmp = yaml.safe_load(dump_config(cfg))
-    assert tmp["model"]["num_classes"] == cfg.model.num_classes
+    resolved = tmp_path / "config.yaml"
+    resolved.write_text(dump_config(cfg))
+    again = load_config(resolved)
+    assert again == cfg
+    assert dump_config(again) == dump_config(cfg)
+
+
+def test_method_sections_are_required_only_by_their_method(tmp_path: Path) -> None:
+    raw = yaml.safe_load(BASE.read_text())
+    del raw["imas"]
+    path = tmp_path / "no_imas.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="method 'imas' needs an imas: section"):
+        load_config(path)
+    assert load_config(path, ["method=supervised"]).imas is None  # the SupOnly baseline needs no imas section
+    assert load_config(BASE, ["method=supervised"]).imas is not None  # another method's section is allowed
+    with pytest.raises(ConfigError, match="method"):
+        load_config(BASE, ["method=u3pl"])
 
 
 def test_paper_defaults_cityscapes_vs_voc() -> None:

@@ -1,4 +1,4 @@
-"""The three launch forms of STYLE.md §4.2 reach the CLI (checked with --help in fresh subprocesses)."""
+"""The three launch forms of docs/style.md §4.2 reach the CLI (checked with --help in fresh subprocesses)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeepLabV3+ / dilated ResNet: shapes, strides, dilations, state-dict names (ALGORITHM.md §4, STYLE.md §4.3)."""
+"""DeepLabV3+ / dilated ResNet: shapes, strides, dilations, state-dict names (ALGORITHM.md §4, docs/style.md §4.3)."""
 
 from __future__ import annotations
 

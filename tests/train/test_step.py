@@ -154,3 +154,33 @@ def test_step_generator_is_a_pure_function_of_seed_rank_step() -> None:
     assert torch.equal(draw(2, 0, 17), draw(2, 0, 17))
     assert not torch.equal(draw(2, 0, 17), draw(2, 1, 17))
     assert not torch.equal(draw(2, 0, 17), draw(2, 0, 18))
+
+
+@pytest.mark.parametrize("forward_unused_weak", [True, False])
+def test_cutmix_cuts_from_the_weak_images(nets, forward_unused_weak: bool) -> None:
+    """The CutMix branch pastes weak views u_w (ALGORITHM.md §3 step 5), never the strong or intensity-mixed one.
+
+    The strong views are shifted far away from the weak ones, so any strong pixel in u_cm would show; every u_cm
+    pixel must equal the weak pixel of the image itself or of its partner at the same position, and both sources
+    must occur (the box is pasted).
+    """
+    student, teacher = nets
+    imas = dataclasses.replace(ALWAYS, forward_unused_weak=forward_unused_weak)
+    inputs: list[torch.Tensor] = []
+    grab = student.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    batch_l, batch_u = _batches(3)
+    batch_u["image_s"] = batch_u["image_w"] + 50.0
+    try:
+        out = imas_step(student, teacher, batch_l, batch_u, imas=imas, loss=LOSS,
+                        generator=step_generator(2, 0, 5), aux_labeled_only=False)  # fmt: skip
+    finally:
+        grab.remove()
+    assert float(out["cutmix_fired"]) == 1.0
+    train_input = inputs[-1]  # the one train-mode forward: [x; (u_w;) u_cm; u_mix]
+    image_cm = train_input[-2 * B : -B]
+    weak = batch_u["image_w"]
+    own = (image_cm == weak).all(dim=1)  # (B, H, W): pixel from the image itself
+    partner = (image_cm == weak.flip(0)).all(dim=1)  # B = 2: the partner is the other image
+    assert (own | partner).all()
+    assert partner.any() and own.any()
+    assert (image_cm < 25.0).all()  # nothing from the strong (+50) views

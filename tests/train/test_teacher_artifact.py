@@ -1,4 +1,4 @@
-"""Teacher artifact: safetensors + teacher.json round trip, checksum and config checks (STYLE.md §2)."""
+"""Teacher artifact: safetensors + teacher.json round trip, checksum and config checks (docs/style.md §2)."""
 
 from __future__ import annotations
 

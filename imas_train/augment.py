@@ -117,7 +117,10 @@ class WeakView:
 
 
 class WeakAugment:
-    """A_w: resize -> hflip p=0.5 -> pad bottom/right (image PAD_RGB, label 255) -> random crop."""
+    """A_w: resize -> hflip p=0.5 -> pad bottom/right (image PAD_RGB, label `label_pad`) -> random crop.
+
+    `label_pad` is 255 (ignored) for every method but U2PL, whose reference pads labels with class 0.
+    """
 
     def __init__(
         self,
@@ -127,8 +130,10 @@ class WeakAugment:
         scale_range: tuple[float, float],
         base_size: tuple[int, int],
         long_side_range: tuple[int, int],
+        label_pad: int = IGNORE_INDEX,
     ) -> None:
         self.crop_size = crop_size
+        self.label_pad = label_pad
         self._resize_flip = A.Compose(
             [
                 RandomRescale(
@@ -168,6 +173,8 @@ class WeakAugment:
         out_masks = list(out["masks"])
         valid = np.asarray(out_masks[-1]) != _PAD_MARK
         out_label = None if label is None else np.ascontiguousarray(out_masks[0])
+        if out_label is not None and self.label_pad != IGNORE_INDEX:
+            out_label[~valid] = self.label_pad
         return WeakView(image=np.ascontiguousarray(out["image"]), label=out_label, valid=valid)
 
 

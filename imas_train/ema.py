@@ -63,18 +63,31 @@ class EmaTeacher:
     """Holds the teacher, a plain module (never `prepare`d), in eval mode with gradients off.
 
     `update` pairs tensors by state-dict key, so a SyncBatchNorm or DDP/compiled student updates a BatchNorm teacher.
-    Floating tensors (parameters *and* buffers such as BN running mean/var) are lerped, integer buffers
-    (``num_batches_tracked``) are copied. `state_dict` / `load_state_dict` make it usable with
-    ``accelerator.register_for_checkpointing``.
+    Floating parameters are lerped. Buffers depend on `ema_buffers`: True (iMAS) lerps floating buffers (BN running
+    mean/var) and copies integer ones (``num_batches_tracked``); False (U2PL, whose teacher's BN statistics come
+    from its own train-mode forwards) leaves every buffer to the teacher. `restart` copies the student exactly (the
+    per-epoch restarts of Dual Teacher). `state_dict` / `load_state_dict` save and restore the teacher.
 
     Attributes:
         module: the teacher network.
+        ema_buffers: whether buffers follow the student (see above).
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, ema_buffers: bool = True) -> None:
         self.module = module
+        self.ema_buffers = ema_buffers
+        self._buffer_keys = {name for name, _ in module.named_buffers()}
         module.eval()
         module.requires_grad_(False)
+
+    def restart(self, student: nn.Module) -> None:
+        """Make the teacher an exact copy of the student (parameters and buffers), whatever `ema_buffers` says."""
+        with torch.no_grad():
+            teacher_state = self.module.state_dict()
+            student_state = _strip_prefixes(student.state_dict())
+            _check_keys(teacher_state, student_state)
+            for key, t in teacher_state.items():
+                t.copy_(student_state[key].detach().to(device=t.device, dtype=t.dtype))
 
     @torch.no_grad()
     def update(self, student: nn.Module, decay: float) -> None:
@@ -95,6 +108,8 @@ class EmaTeacher:
         lerp_t: list[Tensor] = []
         lerp_s: list[Tensor] = []
         for key, t in teacher_state.items():
+            if not self.ema_buffers and key in self._buffer_keys:
+                continue  # the teacher's own statistics
             s = student_state[key].detach()
             if t.shape != s.shape:
                 raise ValueError(

@@ -158,7 +158,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
                 ctx = StepContext(step=it, epoch=epoch, iters_per_epoch=setup.iters, rank=rank,
                                   world_size=accelerator.num_processes, device=accelerator.device,
                                   generator=step_generator(cfg.run.seed, rank, it),
-                                  autocast=accelerator.autocast)  # fmt: skip
+                                  autocast=accelerator.autocast,
+                                  gather_rows=lambda rows: _gather_rows(accelerator, rows))  # fmt: skip
                 with accelerator.accumulate(*setup.forwards.values()):
                     # 2. forward and losses: the method's step
                     result = method.step(setup.forwards, batches, ctx)
@@ -229,7 +230,7 @@ def _setup(cfg: TrainConfig, accelerator: Accelerator, method: Method) -> Traini
     """Data, networks, teachers, optimizers and val loader, in the order docs/style.md §4.4 prescribes."""
     world, b = accelerator.num_processes, cfg.data.batch_size
     # data: per-epoch streams sharded by rank; one epoch = one pass over N_u (N_l for labeled-only methods)
-    data = build_datasets(cfg.data, cfg.model.num_classes)
+    data = build_datasets(cfg.data, cfg.model.num_classes, label_pad=method.label_pad)
     if method.uses_unlabeled and data.unlabeled is None:
         raise TrainingError(f"method {cfg.method!r} needs unlabeled data (data.unlabeled_list)")
     stream_len = len(data.unlabeled) if method.uses_unlabeled and data.unlabeled is not None else len(data.labeled)
@@ -291,7 +292,8 @@ def _epoch_loaders(
     start_batch: int,
 ) -> dict[str, Iterator[dict[str, Tensor]]]:
     """This rank's iterators over the epoch's streams, from batch `start_batch` on."""
-    datasets = {"labeled": setup.data.labeled, "unlabeled": setup.data.unlabeled}
+    datasets = {"labeled": setup.data.labeled, "unlabeled": setup.data.unlabeled,
+                "unlabeled_mix": setup.data.unlabeled}  # fmt: skip
     return {
         name: iter(make_train_loader(
             datasets[name], batch_size=cfg.data.batch_size, seed=cfg.run.seed, stream=name, epoch=epoch,
@@ -312,6 +314,17 @@ def _to_device(batch: dict[str, Tensor], device: torch.device, channels_last: bo
     if channels_last:
         out = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in out.items()}
     return out
+
+
+def _gather_rows(accelerator: Accelerator, rows: Tensor) -> Tensor:
+    """Every process's rows, concatenated in rank order; the row counts may differ between processes."""
+    if accelerator.num_processes == 1:
+        return rows
+    counts = accelerator.gather(torch.tensor([rows.shape[0]], device=accelerator.device)).tolist()
+    padded = accelerator.pad_across_processes(rows.to(accelerator.device).contiguous(), dim=0)
+    gathered = accelerator.gather(padded)
+    size = padded.shape[0]
+    return torch.cat([gathered[r * size : r * size + n] for r, n in enumerate(counts)]).to(rows.device)
 
 
 def _check_finite(result: StepResult, it: int, accelerator: Accelerator, run_dir: Path) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imas_core.classes import builtin_classes, generated_palette
+from imas_core.constants import IGNORE_INDEX
 from imas_core.errors import DataError
 from imas_train.augment import WeakAugment
 from imas_train.config import DataConfig
@@ -45,9 +46,10 @@ def class_info(cfg: DataConfig, num_classes: int) -> tuple[tuple[str, ...], tupl
     return names, palette
 
 
-def weak_augment(cfg: DataConfig) -> WeakAugment:
-    """A_w with the geometry of `cfg`."""
+def weak_augment(cfg: DataConfig, label_pad: int = IGNORE_INDEX) -> WeakAugment:
+    """A_w with the geometry of `cfg`; padded label pixels get `label_pad`."""
     return WeakAugment(
+        label_pad=label_pad,
         crop_size=cfg.crop_size,
         scale_mode=cfg.scale_mode,
         scale_range=cfg.scale_range,
@@ -69,10 +71,11 @@ def _file_source(resolver: Resolver, path: Path, *, with_label: bool, key: str) 
     return FileSource(samples)
 
 
-def build_datasets(cfg: DataConfig, num_classes: int) -> Datasets:
-    """Datasets of the configured data; the demo dataset renders its images from `cfg.demo`."""
+def build_datasets(cfg: DataConfig, num_classes: int, *, label_pad: int = IGNORE_INDEX) -> Datasets:
+    """Datasets of the configured data; the demo dataset renders its images from `cfg.demo`. Padded label pixels of
+    training crops get `label_pad` (255 = ignored; U2PL's reference pads with class 0)."""
     names, palette = class_info(cfg, num_classes)
-    weak = weak_augment(cfg)
+    weak = weak_augment(cfg, label_pad)
     if cfg.dataset == "demo":
         d = cfg.demo
         src_l: Source = DemoSource("labeled", d.num_labeled, seed=d.seed, height=d.height, width=d.width)

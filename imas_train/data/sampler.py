@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imas_core.errors import DataError
 
-STREAM_IDS = {"labeled": 1, "unlabeled": 2}  # part of every seed; never renumber (it would change all streams)
+# Part of every seed; never renumber (it would change all streams). "unlabeled_mix" is a second, independent pass
+# over the unlabeled set (the CutMix partners of CPS).
+STREAM_IDS = {"labeled": 1, "unlabeled": 2, "unlabeled_mix": 3}
 
 
 def iters_per_epoch(num_unlabeled: int, world_size: int, batch_size: int) -> int:

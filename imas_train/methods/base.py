@@ -10,7 +10,9 @@ accumulation, logging, evaluation, checkpoints and the artifact. The method owns
                             (one ``student`` by default; CPS trains two)
 `setup_teachers`            no-grad models made from those networks before SyncBN and ``prepare`` (EMA teachers);
                             how they update is the method's business (`after_optimizer_step`)
-`streams`                   which data streams an epoch reads (``labeled``, ``unlabeled``)
+`streams`                   which data streams an epoch reads (``labeled``, ``unlabeled``, ``unlabeled_mix``: a
+                            second independent pass over the unlabeled set)
+`label_pad`                 the label value of padded crop pixels (255 = ignored; U2PL pads with class 0)
 `step`                      forward and losses of one iteration -> `StepResult` (total loss, named log values,
                             optional per-image records); no backward, no optimizer step
 `after_optimizer_step`      teacher updates, after every optimizer step (sync steps only with accumulation)
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from imas_core.constants import IGNORE_INDEX
 from imas_train.config import TrainConfig
 
 __all__ = ["Batch", "Method", "StepContext", "StepResult", "StudentForward", "broadcast_buffers", "step_generator"]
@@ -57,6 +60,8 @@ class StepContext:
         device: where the batches and the networks live.
         generator: this iteration's CPU generator (`step_generator`); every random draw of the step comes from it.
         autocast: context manager for forwards (``accelerator.autocast``); losses are computed in float32.
+        gather_rows: concatenates a tensor's rows from every process in rank order (first dimensions may differ
+            between processes; other dimensions must agree); identity with one process. Every process must call it.
     """
 
     step: int
@@ -67,6 +72,7 @@ class StepContext:
     device: torch.device
     generator: torch.Generator
     autocast: Autocast
+    gather_rows: Callable[[Tensor], Tensor] = lambda rows: rows
 
 
 @dataclass
@@ -149,6 +155,11 @@ class Method(abc.ABC):
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
 
+    @property
+    def label_pad(self) -> int:
+        """Label value of padded pixels in training crops; 255 (ignored) unless a method's reference says otherwise."""
+        return IGNORE_INDEX
+
     def build_networks(self, new_model: Callable[[], nn.Module]) -> dict[str, nn.Module]:
         """The networks trained with gradients, by name, in optimizer order. Default: one ``student``.
 
@@ -162,7 +173,7 @@ class Method(abc.ABC):
         """Create the no-grad models from the freshly built `networks` (before SyncBN and prepare). Default: none."""
 
     def streams(self, epoch: int) -> tuple[str, ...]:
-        """The data streams epoch `epoch` reads, from ``("labeled", "unlabeled")``."""
+        """The data streams epoch `epoch` reads, from ``("labeled", "unlabeled", "unlabeled_mix")``."""
         return ("labeled", "unlabeled") if self.uses_unlabeled else ("labeled",)
 
     @abc.abstractmethod

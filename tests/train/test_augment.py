@@ -108,6 +108,17 @@ def test_valid_mask_false_exactly_on_padding() -> None:
         assert (np.diff(rows.astype(int)) <= 0).all() and (np.diff(cols.astype(int)) <= 0).all()
 
 
+def test_label_pad_value_marks_padding_with_a_class() -> None:
+    """U2PL's reference pads labels with class 0: the padded region gets the value, the image's labels stay."""
+    image, label = np.zeros((20, 24, 3), np.uint8), np.full((20, 24), 3, np.uint8)
+    geometry = {"scale_range": (1.0, 1.0), "base_size": (1, 1), "long_side_range": (1, 1)}
+    view = WeakAugment(crop_size=32, scale_mode="relative", label_pad=0, **geometry)(
+        image, label, np.random.default_rng(0)
+    )
+    assert view.label is not None and (~view.valid).sum() == 32 * 32 - 20 * 24
+    assert (view.label[~view.valid] == 0).all() and (view.label[view.valid] == 3).all()
+
+
 def test_weak_seeded_determinism() -> None:
     image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     weak = WeakAugment(crop_size=32, scale_mode="relative", **GEOMETRY)

@@ -108,3 +108,21 @@ def test_state_dict_round_trip() -> None:
     for key, value in other.state_dict().items():
         assert torch.equal(value, state[key])
     assert not other.module.training
+
+
+def test_buffers_can_stay_the_teachers_own_and_restart_copies_everything() -> None:
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    teacher = EmaTeacher(copy.deepcopy(student), ema_buffers=False)
+    student.train()(torch.randn(2, 3, 8, 8))  # moves the student's running statistics
+    with torch.no_grad():
+        student[0].weight.add_(1.0)
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    teacher.update(student, 0.5)
+    after = teacher.module.state_dict()
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(after[key], before[key])  # buffers untouched
+    torch.testing.assert_close(after["0.weight"], 0.5 * before["0.weight"] + 0.5 * student[0].weight)
+    teacher.restart(student)
+    for key, value in student.state_dict().items():
+        assert torch.equal(teacher.module.state_dict()[key], value)

@@ -1,4 +1,7 @@
-"""Training iteration cost: a supervised-only step vs an iMAS step (faithful and fast), same model and batch.
+"""Training iteration cost of every method against a supervised-only step, same model and batch.
+
+Variants: supervised, iMAS faithful and fast, U2PL and CPS (the last two driven through their `Method` classes
+exactly as the training loop drives them: `step`, backward, every optimizer's step, `after_optimizer_step`).
 
 One iteration = the step function of `imas_train.methods.imas` (forwards and losses), backward, SGD step and zero_grad,
 plus the EMA update for iMAS, as in `imas_train.train`. Reported per variant: the median wall time of N timed iterations
@@ -11,9 +14,14 @@ CutMix is forced to fire in every iMAS iteration through the config's documented
 in training: the easiness is still computed and still weights the loss, the intensity mix and the pairing. The
 only work skipped is the host read of mean(e) for the trigger.
 
-Arithmetic anchors (ALGORITHM.md §11.5), per labeled+unlabeled pair with CutMix firing: iMAS faithful 2 + 4x3 = 14
-forward-equivalents, fast (forward_unused_weak=False) 2 + 3x3 = 11, supervised 3: ratios 4.67 and 3.67 (the aux
-head, run on every student input, moves them slightly).
+Arithmetic anchors (ALGORITHM.md §11.5, shared/methods/README.md §2), per labeled+unlabeled pair with CutMix firing:
+iMAS faithful 2 + 4x3 = 14 forward-equivalents, fast (forward_unused_weak=False) 2 + 3x3 = 11, U2PL 9, CPS 16,
+supervised 3: ratios 4.67, 3.67, 3.0 and 5.33 (the aux head, run on every student input, and U2PL's heavier decoder
+and representation head move them). U2PL fires CutMix every iteration here (``cutmix_prob=1``) and runs its
+contrastive loss with a memory bank filled during the warm-up iterations.
+
+Memory: each variant also runs alone in a fresh subprocess (``--memory-of VARIANT``) for its peak resident set size
+(CPU) or peak allocated memory (CUDA), a few iterations long.
 
     python benchmarks/train_step.py                    # CPU default: R-50 at 1/4 width, 161x161, batch 2
     python benchmarks/train_step.py --full             # R-50 os16, 769x769, batch 4 (GPU; adds a bf16 row)
@@ -24,9 +32,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
 import os
+import resource
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,16 +57,18 @@ from report import (
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from imas_train.config import ImasConfig, LossConfig
+from imas_train.config import CpsConfig, ImasConfig, LossConfig, TrainConfig, U2plConfig, load_config
 from imas_train.ema import EmaTeacher
-from imas_train.methods.base import StudentForward, step_generator
+from imas_train.methods import build_method
+from imas_train.methods.base import StepContext, StudentForward, step_generator
 from imas_train.methods.imas import imas_step
 from imas_train.methods.supervised import supervised_step
 from imas_train.models import build_model
 
 NAME = "train_step"
-VARIANTS = ("supervised", "imas_faithful", "imas_fast")
-ANCHOR_RATIO = {"supervised": 1.0, "imas_faithful": 14 / 3, "imas_fast": 11 / 3}
+VARIANTS = ("supervised", "imas_faithful", "imas_fast", "u2pl", "cps")
+ANCHOR_RATIO = {"supervised": 1.0, "imas_faithful": 14 / 3, "imas_fast": 11 / 3, "u2pl": 9 / 3, "cps": 16 / 3}
+METHOD_VARIANTS = ("u2pl", "cps")  # driven through their Method classes
 TARGET_RATIO = {"imas_faithful": 4.9, "imas_fast": 3.9}  # project targets: iMAS time / supervised time, at most
 
 
@@ -95,6 +111,13 @@ class Iterations:
         self.autocast = autocast
         self.step = 0
         self.fired: dict[str, list[float]] = {name: [] for name in self.imas}
+        batch_u2 = make_batches(args.batch, args.crop, args.classes, device, seed=2)[1]
+        batches = {"labeled": self.batch_l, "unlabeled": self.batch_u, "unlabeled_mix": batch_u2}
+        self.methods = {
+            name: MethodIteration(method_config(args, name), device, autocast, batches)
+            for name in METHOD_VARIANTS
+            if name in args.variants
+        }
 
     def _update(self, loss: Tensor) -> None:
         loss.backward()
@@ -123,7 +146,49 @@ class Iterations:
         self.ema.update(self.model, 0.996)
 
     def call(self, name: str) -> Callable[[], None]:
+        if name in self.methods:
+            return self.methods[name]
         return self.supervised if name == "supervised" else (lambda: self.imas_variant(name))
+
+
+def method_config(args: argparse.Namespace, name: str) -> TrainConfig:
+    """configs/demo.yaml turned into a `name` run of the benchmark's model, without supervised-only epochs."""
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    loss = LossConfig(supervised="ohem")
+    model = scaled_model_config(args)
+    if name == "u2pl":
+        sections = {"u2pl": U2plConfig(sup_only_epochs=0, reference_world_size=8, cutmix_prob=1.0)}
+        model = dataclasses.replace(model, decoder="u2pl", low_level_channels=model.aspp_channels)
+    else:
+        sections = {"cps": CpsConfig(cps_weight=5.0, reference_world_size=8)}
+    return dataclasses.replace(base, method=name, model=model, loss=loss, **sections)
+
+
+class MethodIteration:
+    """One iteration of a method exactly as the training loop runs it, on fixed batches."""
+
+    def __init__(self, cfg: TrainConfig, device: str, autocast: Callable[[], AbstractContextManager[Any]], batches):
+        torch.manual_seed(0)
+        self.method = build_method(cfg)
+        networks = self.method.build_networks(lambda: build_model(self.method.model_config(cfg.model)).to(device))
+        self.method.setup_teachers(networks, torch.device(device))
+        self.networks = networks
+        self.forwards = {k: self.method.forward_adaptor(m).train() for k, m in networks.items()}
+        self.optimizers = [
+            torch.optim.SGD(self.method.param_groups(m, 1e-4), lr=1e-4, momentum=0.9) for m in networks.values()
+        ]
+        self.batches = batches
+        self.device, self.autocast, self.step = torch.device(device), autocast, 0
+
+    def __call__(self) -> None:
+        self.step += 1
+        ctx = StepContext(self.step, 1, 10**6, 0, 1, self.device, step_generator(2, 0, self.step), self.autocast)
+        result = self.method.step(self.forwards, self.batches, ctx)
+        result.loss.backward()
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.method.after_optimizer_step(self.networks, ctx)
 
 
 def count_flops(fn: Callable[[], None]) -> int:
@@ -143,21 +208,23 @@ def measure(args: argparse.Namespace, device: str, precision: str) -> list[dict[
 
     its = Iterations(args, device, autocast)
     sync = sync_fn(device)
-    flops = {name: count_flops(its.call(name)) for name in VARIANTS}
+    variants = [name for name in VARIANTS if name in args.variants]
+    flops = {name: count_flops(its.call(name)) for name in variants}
     for _ in range(args.warmup):
-        for name in VARIANTS:
+        for name in variants:
             its.call(name)()
     sync()
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # round-robin: drifting machine load hits every variant alike
-        for name in VARIANTS:
+        for name in variants:
             t0 = time.perf_counter()
             its.call(name)()
             sync()
             times[name].append(time.perf_counter() - t0)
     base_t, base_f = median(times["supervised"]), flops["supervised"]
     rows = []
-    for name in VARIANTS:
+    memory = {name: peak_memory_mb(args, name) for name in variants} if args.memory else {}
+    for name in variants:
         t = median(times[name])
         fired = its.fired.get(name)
         rows.append({
@@ -172,8 +239,39 @@ def measure(args: argparse.Namespace, device: str, precision: str) -> list[dict[
             "target_ratio": TARGET_RATIO.get(name),
             "achieved_tflops": flops[name] / t / 1e12,
             "cutmix_fired_fraction": (sum(fired) / len(fired)) if fired else None,
+            "peak_memory_mb": memory.get(name),
         })  # fmt: skip
     return rows
+
+
+def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
+    """Peak RSS (CPU) or peak allocated CUDA memory of `name` run alone in a fresh process, in MiB."""
+    cmd = [sys.executable, __file__, "--memory-of", name, "--device", args.device, "--depth", str(args.depth),
+           "--base-width", str(args.base_width), "--output-stride", str(args.output_stride), "--crop", str(args.crop),
+           "--batch", str(args.batch), "--classes", str(args.classes), "--threads", str(args.threads or 1)]  # fmt: skip
+    if args.layers:
+        cmd += ["--layers", *map(str, args.layers)]
+    if args.smoke:
+        cmd.append("--smoke")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(f"memory of {name} not measured: {out.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_mb"])
+
+
+def memory_of(args: argparse.Namespace, name: str) -> int:
+    """Child of `peak_memory_mb`: only `name`'s model(s) and three iterations; prints one JSON line."""
+    args.variants = [name]
+    its = Iterations(args, args.device, nullcontext)
+    for _ in range(3):
+        its.call(name)()
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    print(json.dumps({"variant": name, "peak_memory_mb": peak}))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="Cityscapes settings: R-50 os16, 769x769, batch 4")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory runs")
+    parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     add_common_flags(parser, NAME)
     return parser
 
@@ -204,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 2)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 7)
     set_threads(args.threads)
+    if args.memory_of:
+        return memory_of(args, args.memory_of)
+    if "supervised" not in args.variants:
+        args.variants = ["supervised", *args.variants]  # every ratio is against it
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.backends.cudnn.benchmark = True  # as in training (ALGORITHM.md §10, item 7)
@@ -222,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "statistic": "median wall time, variants interleaved",
         "supervised_loss": "ohem + 0.4 aux",
         "cutmix": "forced to fire (adaptive_cutmix_trigger=False, cutmix_fixed_prob=1.0)",
-        "iteration": "step fn + backward + SGD step + zero_grad (+ EMA update for iMAS)",
+        "iteration": "step fn + backward + SGD step(s) + zero_grad (+ teacher update), as in imas_train.train",
         "smoke": args.smoke,
         "threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),
@@ -243,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             "anchor ratio",
             rate,
             "CutMix fired",
+            "peak MiB",
         ],  # fmt: skip
         [
             [
@@ -256,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['anchor_ratio']:.2f}x",
                 scale * r["achieved_tflops"],
                 "-" if r["cutmix_fired_fraction"] is None else f"{100 * r['cutmix_fired_fraction']:.0f}%",
+                "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}",
             ]  # fmt: skip
             for r in rows
         ],
@@ -264,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "time ratio = median iteration time / median supervised iteration time, same run, same model and batch",
         "FLOPs: FlopCounterMode over one whole iteration (no-grad easiness forwards, training forward, backward)",
-        "anchor ratio: 14/3 and 11/3 forward-equivalents (ALGORITHM.md §11.5), ignoring the aux head",
+        "anchor ratio: 14/3, 11/3, 9/3 and 16/3 forward-equivalents (ALGORITHM.md §11.5, shared/methods/README.md §2),"
+        " ignoring the aux head and U2PL's heavier decoder",
+        "peak MiB: each variant alone in a fresh process (peak RSS on CPU, so it includes the interpreter and torch)",
         "CPU timings depend on the load (machine.load_average_1_5_15); only ratios within one run are meaningful",
     ]
     path = write_json(args.json, NAME, settings, rows, notes)

@@ -10,6 +10,8 @@ Exit codes (the same for ``imas-train``, ``imas-export`` and ``imas-infer``; REA
 3     finished, but some items failed: images that could not be segmented, problems found by ``check-data``
 4     a runtime or device the command needs is missing here (TensorRT, cuda-python, a CUDA provider, a GPU)
 130   interrupted (Ctrl-C)
+138   training stopped on SIGUSR1 after writing a resumable checkpoint (128 + 10, the Linux signal number)
+143   training stopped on SIGTERM after writing a resumable checkpoint (128 + 15): continue with ``--resume auto``
 ====  =====================================================================================================
 """
 
@@ -20,6 +22,7 @@ EXIT_ERROR = 2
 EXIT_PARTIAL = 3
 EXIT_UNAVAILABLE = 4
 EXIT_INTERRUPTED = 130
+EXIT_STOPPED = {"SIGUSR1": 138, "SIGTERM": 143}  # a `TrainingStopped` run: 128 + the signal's number on Linux
 
 
 class ImasError(Exception):
@@ -54,10 +57,20 @@ class TrainingError(ImasError):
     """Training cannot continue (non-finite loss, unusable resume state)."""
 
 
+class TrainingStopped(ImasError):
+    """Training stopped on SIGTERM or SIGUSR1 after writing a resumable checkpoint (not a failure: resume it)."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name  # "SIGTERM" or "SIGUSR1": a key of EXIT_STOPPED
+
+
 class RuntimeUnavailable(ImasError):
     """An optional runtime (TensorRT, cuda-python, a CUDA provider) or the GPU it needs is missing on this machine."""
 
 
 def exit_code(err: ImasError) -> int:
-    """The exit code of a CLI that stops on `err`: 4 for a missing runtime, else 2."""
+    """The exit code of a CLI that stops on `err`: 4 for a missing runtime, 143/138 for a stopped run, else 2."""
+    if isinstance(err, TrainingStopped):
+        return EXIT_STOPPED[err.signal_name]
     return EXIT_UNAVAILABLE if isinstance(err, RuntimeUnavailable) else EXIT_ERROR

@@ -4,12 +4,20 @@ Unknown keys are errors that suggest the closest valid key; missing required key
 against its annotation (`int`, `float`, `bool`, `str`, `Path`, `Literal`, `tuple`, `list`, `dict`, nested
 dataclasses, `X | None`, `Any`). No coercion between kinds: ``"769"`` is not an integer, ``1`` is not ``true``.
 The caller chooses the error class, so a config file raises `ConfigError` and a sidecar `ArtifactError`.
+
+One exception, for floats only: PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so
+``lr: 1e-3`` (and ``--set optim.lr=1e-3``) arrives as the string ``"1e-3"``. Where the annotation is `float`, a
+string that YAML 1.2 reads as a float but PyYAML leaves a string (``1e-3``, ``5E-4``, ``2.5e3``, ``+.5``) is read as
+that float. Every other string stays refused: NaN, ``"0x10"``, ``"1_000"``, and quoted numbers PyYAML would have
+parsed unquoted (``"0.7"``, ``"7"``, ``".inf"``), which are strings on purpose, as in a JSON sidecar. Integers
+never come from strings.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +26,11 @@ from typing import Any, Literal, Union
 from imas_core.errors import ConfigError, ImasError
 
 __all__ = ["from_dict", "to_dict"]
+
+# YAML 1.2 core schema floats (https://yaml.org/spec/1.2.2/#1022-tag-resolution) without NaN: finite or infinite
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)")
+# those of them that PyYAML's YAML 1.1 resolver already turns into numbers (so a string of this form was quoted)
+_YAML11_NUMBER = re.compile(r"[-+]?[0-9]+(\.[0-9]*([eE][-+][0-9]+)?)?|\.[0-9]+([eE][-+][0-9]+)?|[-+]?\.(inf|Inf|INF)")
 
 
 def from_dict(cls: type, raw: Any, where: str, error: type[ImasError] = ConfigError) -> Any:
@@ -89,6 +102,8 @@ def _coerce(tp: Any, value: Any, where: str, error: type[ImasError]) -> Any:
             raise error(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value) and not _YAML11_NUMBER.fullmatch(value):
+            return float(value)  # "1e-3" -> 0.001, "1e999" -> inf
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise error(f"{where}: expected a number, got {value!r}")
         return float(value)

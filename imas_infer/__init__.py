@@ -21,7 +21,7 @@ from typing import Any
 from imas_core import __version__
 from imas_core.runners import open_backend
 from imas_infer.evaluate import EvalResult, Evaluator, match_ground_truth
-from imas_infer.image_io import discover_inputs
+from imas_infer.image_io import check_output_folder, discover_inputs
 from imas_infer.options import InferOptions, RunSettings, resolve_settings
 from imas_infer.pipeline import OutputSpec, SyntheticItem, run_pipeline
 from imas_infer.report import RunSummary, benchmark_model, model_benchmark_dict, write_report
@@ -41,6 +41,7 @@ class InferEvents:
     start: Callable[[int], None] = _ignore  # number of images, before the first one
     image: Callable[[], None] = _ignore  # once per finished image, success or failure
     error: Callable[[str, str], None] = _ignore  # (path, reason) of an image that failed
+    notice: Callable[[str], None] = _ignore  # a line worth knowing about the inputs (16-bit images are scaled)
 
 
 @dataclass
@@ -69,12 +70,17 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
         `options.report` when set).
 
     Raises:
-        InferError / ArtifactError: unusable options, inputs or model (the CLI's exit code 2). Images that cannot
-            be read or written are not errors: they are listed in `summary.failures` (exit code 3).
+        InferError / ArtifactError: unusable options, inputs or model (the CLI's exit code 2), including an
+            output folder (or report folder) that is not writable, found before the model is loaded. Images that
+            cannot be read or written are not errors: they are listed in `summary.failures` (exit code 3).
         RuntimeUnavailable: the backend's runtime (TensorRT, cuda-python, a CUDA provider) or GPU is missing
             (exit code 4).
     """
     options.validate()
+    if options.output is not None:
+        check_output_folder(options.output)
+    if options.report is not None:
+        check_output_folder(options.report.parent, "the folder of --report")
     ev = events or InferEvents()
     with open_backend(options.model, backend=options.backend, device=options.device, threads=options.threads) as be:
         ev.stage(f"model: {be.describe()}")
@@ -127,6 +133,7 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
             prefetch=options.prefetch,
             on_image=ev.image,
             on_error=ev.error,
+            on_notice=ev.notice,
         )
         class_names = be.info.class_names
     report.update(summary.to_dict())

@@ -165,7 +165,12 @@ class _Console:
             self.bar.update(1)
 
     def error(self, path: str, reason: str) -> None:
-        line = f"imas-infer: skipped {path}: {reason}"
+        self._stderr(f"imas-infer: skipped {path}: {reason}")
+
+    def notice(self, line: str) -> None:
+        self._stderr(f"imas-infer: note: {line}")
+
+    def _stderr(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
         else:
@@ -184,7 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = options_from_args(args, parser)
     console = _Console(options.progress)
-    events = InferEvents(stage=console.stage, start=console.start, image=console.image, error=console.error)
+    events = InferEvents(
+        stage=console.stage, start=console.start, image=console.image, error=console.error, notice=console.notice
+    )
     try:
         result = infer(options, events)
     except ImasError as err:

@@ -11,6 +11,8 @@ failing, options the model cannot serve) raises. Tier 0 + numpy + Pillow.
 A stitched model (sliding window inside the graph) skips planning and stitching: whole images are batched, up to
 `settings.batch` per call, and the model's output is the result. An image of another size than the model's is a
 failure of that image.
+
+16-bit inputs are scaled to 8 bits (`image_io.decode_rgb`); the first one is reported through `on_notice`, once.
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ class SyntheticItem:
         return self.path
 
 
-def load_image(item: InputItem | SyntheticItem) -> np.ndarray:
+def load_image(item: InputItem | SyntheticItem) -> tuple[np.ndarray, int]:
+    """The image as (H, W, 3) uint8 RGB, and its bits per channel on file (8 or 16)."""
     if isinstance(item, SyntheticItem):
         rng = np.random.default_rng(item.index)
-        return rng.integers(0, 256, size=(item.height, item.width, 3), dtype=np.uint8)
-    return image_io.read_rgb(item.path)
+        return rng.integers(0, 256, size=(item.height, item.width, 3), dtype=np.uint8), 8
+    return image_io.decode_rgb(item.path)
 
 
 class _Run:
@@ -224,13 +227,15 @@ class _Run:
             self.slots.release()
 
 
-def _load(index: int, item: InputItem | SyntheticItem) -> tuple[int, Any, np.ndarray | None, str | None, float, float]:
+def _load(
+    index: int, item: InputItem | SyntheticItem
+) -> tuple[int, Any, np.ndarray | None, int, str | None, float, float]:
     started = time.perf_counter()
     try:
-        image, error = load_image(item), None
+        (image, bits), error = load_image(item), None
     except Exception as err:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        image, error = None, f"unreadable image ({type(err).__name__}: {err})"
-    return index, item, image, error, started, time.perf_counter() - started
+        image, bits, error = None, 8, f"unreadable image ({type(err).__name__}: {err})"
+    return index, item, image, bits, error, started, time.perf_counter() - started
 
 
 def run_pipeline(
@@ -245,6 +250,7 @@ def run_pipeline(
     prefetch: int = 8,
     on_image: Callable[[], None] | None = None,
     on_error: Callable[[str, str], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Run every input through the model and write its outputs.
 
@@ -257,6 +263,7 @@ def run_pipeline(
         readers, writers: thread pool sizes; prefetch: decoded images queued ahead of the model.
         on_image: called once per finished image (success or failure), e.g. to advance a progress bar.
         on_error: called with (path, reason) for each image that failed.
+        on_notice: called once with a line saying that 16-bit inputs are scaled, at the first one.
 
     Returns:
         Counts, failures and timings of the run.
@@ -269,13 +276,14 @@ def run_pipeline(
         with ThreadPoolExecutor(readers, thread_name_prefix="imas-read") as read_pool:
             pending: deque[Future[Any]] = deque()
             queue = iter(enumerate(items))
+            noted_16bit = False
             try:
                 for index, item in queue:
                     pending.append(read_pool.submit(_load, index, item))
                     if len(pending) >= prefetch:
                         break
                 while pending:
-                    index, item, image, error, started, seconds = pending.popleft().result()
+                    index, item, image, bits, error, started, seconds = pending.popleft().result()
                     following = next(queue, None)
                     if following is not None:
                         pending.append(read_pool.submit(_load, *following))
@@ -283,6 +291,10 @@ def run_pipeline(
                     if image is None:
                         run.fail(item.path, error or "unreadable image")
                         continue
+                    if bits == 16 and not noted_16bit:
+                        noted_16bit = True
+                        if on_notice is not None:
+                            on_notice(f"16-bit images are scaled to 8 bits (value >> 8); first one: {item.path}")
                     run.admit(index, item, image, started)
                 run.flush()
             except BaseException:

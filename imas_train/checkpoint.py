@@ -1,15 +1,28 @@
-"""Resumable training state: the Progress record and atomic Accelerate checkpoints under ``<run>/state/``.
+"""Resumable training state: the Progress record, atomic Accelerate checkpoints under ``<run>/state/``, and the
+run folder's lock.
 
 Layout::
 
+    <run>/.lock                  the run lock: holder's PID, host and start time (`imas_train.run_folder.RunLock`)
     <run>/state/step-00000420/   model*.safetensors, optimizer*.bin, random_states_<rank>.pkl (Accelerate),
-                                 method_state.safetensors, method_state.json, progress.json (ours)
+                                 method_state.safetensors, method_state.json, progress.json (ours),
+                                 manifest.json (size and sha256 of every other file, written last)
     <run>/state/latest           text file naming the newest complete checkpoint directory
-    <run>/state/.tmp-<step>/     a save in progress; never read
+    <run>/state/.tmp-<step>-<pid>/   a save in progress (pid of the main process); never read
+    <run>/state/damaged-step-*/  a checkpoint that failed its manifest check on resume, set aside for inspection
 
-A save goes into ``.tmp-<step>``, every file is fsynced, and the directory is renamed to ``step-<step:08d>`` in one
-atomic step; only then is ``latest`` rewritten (atomically). A crash, a kill or a full disk during a save leaves
-the previous checkpoint and ``latest`` untouched, and resuming ignores every ``.tmp-*`` directory.
+A save goes into ``.tmp-<step>-<pid>``, every file is fsynced, the manifest is written, and the directory is renamed
+to ``step-<step:08d>`` in one atomic step; only then is ``latest`` rewritten (atomically). A crash, a kill or a full
+disk during a save leaves the previous checkpoint and ``latest`` untouched, and resuming ignores every ``.tmp-*``
+directory. A save that fails with an OS error (a full disk) removes its partial directory on every process and
+raises `TrainingError` saying so.
+
+Resuming checks the manifest first (a truncated, missing or modified file is named), then loads. With ``--resume
+auto`` a checkpoint that does not load is skipped, with its reason logged, for the next newest one; a failed
+manifest check also moves it aside to ``damaged-step-*`` so that pruning never keeps it in place of a good one.
+
+One run per folder: the main process holds an exclusive ``fcntl.flock`` on ``<run>/.lock`` for the whole run
+(`RunLock`). The kernel drops it when the process exits, however it exits, so a crashed run leaves no stale lock.
 
 No pickle is ever loaded without ``weights_only=True``. Accelerate 1.x loads the model from safetensors and the
 optimizer, scaler and RNG files through ``accelerate.utils.load``, which defaults to ``weights_only=True`` (with a
@@ -23,28 +36,46 @@ saved RNG states are not needed for an exact resume.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from imas_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_tree
+from imas_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_tree, sha256_file
 from imas_core.errors import TrainingError
 from imas_train.methods.base import Method
+from imas_train.run_folder import any_process
 
-__all__ = ["IMAGE_COLUMNS", "Progress", "save_checkpoint", "find_checkpoint", "load_checkpoint"]
+__all__ = [
+    "IMAGE_COLUMNS",
+    "Progress",
+    "find_checkpoint",
+    "load_checkpoint",
+    "resume_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
+
+log = get_logger(__name__)
 
 IMAGE_COLUMNS = ("easiness", "index", "ratio_s", "cutmix_fired")  # the per-image records of `StepResult.per_image`
 
 _METHOD_TENSORS = "method_state.safetensors"
 _METHOD_JSON = "method_state.json"
 _PROGRESS_FILE = "progress.json"
+_MANIFEST = "manifest.json"
 _HISTORY_KEYS = (
     "eval_epoch", "miou_teacher", "miou_student",  # one entry per evaluation
     "epoch", "easiness_mean", "easiness_std", "easiness_p10", "easiness_p90", "ratio_s_mean", "cutmix_rate",
@@ -65,6 +96,8 @@ class Progress:
             gathered over processes (main process), so a mid-epoch resume still writes a complete CSV.
         epoch_ratio_s, epoch_fired: sums over those images of the student confident ratio and of the CutMix
             trigger of their iteration (so their means weight every process equally).
+        epoch_end_pending: the run stopped on a signal right after the last iteration of epoch `epoch`, before its
+            end (easiness CSV, evaluation, best model): a resume does that first. False in every other checkpoint.
     """
 
     epoch: int = 0
@@ -77,6 +110,7 @@ class Progress:
     epoch_index: list[int] = field(default_factory=list)
     epoch_ratio_s: float = 0.0
     epoch_fired: float = 0.0
+    epoch_end_pending: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,17 +168,77 @@ def _is_complete(path: Path) -> bool:
 
 
 def _recorded_step(path: Path) -> int:
-    return int(json.loads((path / _PROGRESS_FILE).read_text(encoding="utf-8"))["step"])
+    """The step in `path`'s progress record; -1 when it cannot be read (so a damaged record sorts oldest)."""
+    try:
+        return int(json.loads((path / _PROGRESS_FILE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def _prune(state_dir: Path, keep: int, current: Path) -> None:
-    """Delete stale ``.tmp-*`` saves and all but the newest `keep` complete checkpoints (by recorded step)."""
+    """Delete stale ``.tmp-*`` saves and all but the newest `keep` complete checkpoints (by recorded step).
+
+    Every ``.tmp-*`` directory is stale here: the run lock keeps other runs out of this folder.
+    """
     for tmp in state_dir.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     done = sorted((p for p in state_dir.glob("step-*") if _is_complete(p)), key=_recorded_step)
     for old in done[: max(0, len(done) - max(keep, 1))]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_state(accelerator: Accelerator, tmp: Path, method: Method, progress: Progress) -> None:
+    accelerator.save_state(str(tmp))  # every rank writes its random_states_<rank>.pkl
+    if accelerator.is_main_process:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()}
+        atomic_write_bytes(tmp / _METHOD_TENSORS, save(tensors))
+        atomic_write_json(tmp / _METHOD_JSON, method.state())
+        atomic_write_json(tmp / _PROGRESS_FILE, progress.state_dict())
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Flush `tmp`, write its manifest, rename it to `final` (the commit point) and point ``latest`` at it."""
+    fsync_tree(tmp)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+    atomic_write_json(tmp / _MANIFEST, {"files": manifest})
+    replaced = None
+    if final.exists():  # the same step saved twice (an epoch end completed after a stop): keep it until the rename
+        replaced = final.with_name(f".tmp-replaced-{final.name}-{os.getpid()}")
+        os.replace(final, replaced)
+    try:
+        os.replace(tmp, final)  # the commit point
+    except BaseException:
+        if replaced is not None:
+            os.replace(replaced, final)
+        raise
+    atomic_write_text(final.parent / "latest", final.name + "\n")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _save_failure(err: BaseException | None, final: Path) -> str:
+    """Why a save failed and what is left, in one line."""
+    state_dir = final.parent
+    if err is None:
+        reason = "another process could not write its part"
+    elif isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"no space left on {err.filename or state_dir} ({err.strerror})"
+    elif "No space left" in str(err) or "StorageFull" in str(err):  # wrapped by torch.save or safetensors
+        reason = f"no space left on {state_dir} ({type(err).__name__}: {err})"
+    elif isinstance(err, OSError):
+        reason = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    else:
+        reason = f"{type(err).__name__}: {err}"
+    try:
+        reason += f"; {shutil.disk_usage(state_dir).free / 2**20:.0f} MiB free on {state_dir}"
+    except OSError:
+        pass
+    latest = state_dir / "latest"
+    previous = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    kept = f"the previous checkpoint {state_dir / previous} is intact" if previous else "no earlier checkpoint exists"
+    return f"cannot save checkpoint {final}: {reason}; {kept} and the partial save was removed"
 
 
 def save_checkpoint(
@@ -158,30 +252,55 @@ def save_checkpoint(
 
     Returns:
         The complete checkpoint directory ``<run>/state/step-<step:08d>``.
+
+    Raises:
+        TrainingError: a process could not write (a full disk, an OS error); on every process, after the partial
+            directory was removed. The previous checkpoint and ``latest`` are untouched.
     """
     state_dir = run_dir / "state"
     final = state_dir / f"step-{progress.step:08d}"
-    tmp = state_dir / f".tmp-{progress.step}"
-    if accelerator.is_main_process:
+    name = [f".tmp-{progress.step}-{os.getpid()}"]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name)  # the main process's name: every rank writes into the same folder
+    tmp = state_dir / name[0]
+    main = accelerator.is_main_process
+
+    def fresh() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank writes its random_states_<rank>.pkl
-    if accelerator.is_main_process:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()}
-        atomic_write_bytes(tmp / _METHOD_TENSORS, save(tensors))
-        atomic_write_json(tmp / _METHOD_JSON, method.state())
-        atomic_write_json(tmp / _PROGRESS_FILE, progress.state_dict())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        fsync_tree(tmp)
-        if final.exists():  # the same step saved twice (e.g. a resumed run at an epoch end)
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # the commit point
-        atomic_write_text(state_dir / "latest", final.name + "\n")
+
+    phases: list[Callable[[], None]] = [
+        fresh if main else lambda: None,
+        lambda: _write_state(accelerator, tmp, method, progress),
+        (lambda: _commit(tmp, final)) if main else lambda: None,
+    ]
+    for phase in phases:
+        error: BaseException | None = None
+        try:
+            phase()
+        except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors wrap OS errors
+            error = err
+        if any_process(accelerator, error is not None):  # also the barrier between the phases
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(_save_failure(error, final)) from error
+    if main:
         _prune(state_dir, keep, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, newest first: ``latest``'s target, then the others by recorded step."""
+    state_dir = run_dir / "state"
+    done = sorted((p for p in state_dir.glob("step-*") if _is_complete(p)), key=_recorded_step, reverse=True)
+    latest = state_dir / "latest"
+    if latest.is_file():
+        named = state_dir / latest.read_text(encoding="utf-8").strip()
+        if named in done:
+            done.remove(named)
+            done.insert(0, named)
+    return done
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -201,22 +320,109 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
         if not _is_complete(path):
             raise TrainingError(f"--resume {path}: not a complete checkpoint directory (no {_PROGRESS_FILE})")
         return path
-    state_dir = run_dir / "state"
-    latest = state_dir / "latest"
-    if latest.is_file():
-        named = state_dir / latest.read_text(encoding="utf-8").strip()
-        if _is_complete(named):
-            return named
-    done = [p for p in state_dir.glob("step-*") if _is_complete(p)]
-    return max(done, key=_recorded_step) if done else None
+    done = _candidates(run_dir)
+    return done[0] if done else None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file of checkpoint `path` against its manifest (size, then sha256).
+
+    Checkpoints written before manifests existed have none and pass.
+
+    Raises:
+        TrainingError: naming the missing, truncated or modified file.
+    """
+    manifest = path / _MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise TrainingError(f"{manifest}: unreadable manifest ({err})") from err
+    for name, (size, digest) in expected.items():
+        file = path / name
+        if not file.is_file():
+            raise TrainingError(f"{file}: missing from the checkpoint")
+        actual = file.stat().st_size
+        if actual != size:
+            raise TrainingError(f"{file}: {actual} bytes, but {size} were saved (truncated or replaced)")
+        if sha256_file(file) != digest:
+            raise TrainingError(f"{file}: contents differ from what was saved (sha256 mismatch: damaged or modified)")
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, method: Method, progress: Progress) -> None:
-    """Restore the prepared networks and optimizers (Accelerate), the method's state and `progress` from `path`."""
+    """Restore the prepared networks and optimizers (Accelerate), the method's state and `progress` from `path`.
+
+    Raises:
+        TrainingError: naming the checkpoint (and our own files by name) and the reason.
+    """
+    stage = f"{path} (Accelerate state: model, optimizer and random-state files)"
     try:
         accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+        stage = str(path / _METHOD_TENSORS)
         method.load_state_tensors(load_file(str(path / _METHOD_TENSORS), device="cpu"))
+        stage = str(path / _METHOD_JSON)
         method.load_state(json.loads((path / _METHOD_JSON).read_text(encoding="utf-8")))
-        progress.load_state_dict(json.loads((path / _PROGRESS_FILE).read_text(encoding="utf-8")))
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise TrainingError(f"cannot resume from {path}: {err}") from err
+        stage = str(path / _PROGRESS_FILE)
+        loaded = Progress()  # filled completely before `progress` changes
+        loaded.load_state_dict(json.loads((path / _PROGRESS_FILE).read_text(encoding="utf-8")))
+    except TrainingError as err:
+        raise TrainingError(f"cannot resume from {stage}: {err}") from err
+    except Exception as err:  # safetensors, torch and json raise many kinds for a damaged file
+        raise TrainingError(f"cannot resume from {stage}: {type(err).__name__}: {err}") from err
+    for f in dataclasses.fields(Progress):
+        setattr(progress, f.name, getattr(loaded, f.name))
+
+
+def resume_checkpoint(
+    accelerator: Accelerator, run_dir: Path, resume: str, method: Method, progress: Progress
+) -> Path | None:
+    """Resolve ``--resume`` (see `find_checkpoint`), verify and load it; every process must call this.
+
+    With "auto" (or a run directory), a checkpoint that fails to verify or load is skipped for the next newest,
+    and a warning names it and the reason; one that failed its manifest check is moved aside to
+    ``state/damaged-<name>``. A checkpoint directory given explicitly is never skipped.
+
+    Returns:
+        The checkpoint loaded, or None when "auto" finds none (a fresh start).
+
+    Raises:
+        TrainingError: the explicit checkpoint does not load, or no checkpoint of the run loads (each reason listed).
+    """
+    explicit = resume != "auto" and not (Path(resume).expanduser() / "state").is_dir()
+    if explicit:
+        candidates = [find_checkpoint(run_dir, resume)]
+    else:
+        candidates = _candidates(run_dir if resume == "auto" else Path(resume).expanduser())
+        if not candidates and resume != "auto":
+            raise TrainingError(f"--resume {resume}: no complete checkpoint under {Path(resume) / 'state'}")
+    skipped = []
+    for path in candidates:
+        assert path is not None
+        error: TrainingError | None = None
+        damaged = False
+        try:
+            verify_checkpoint(path)
+        except TrainingError as err:
+            error, damaged = err, True
+        if error is None:
+            try:
+                load_checkpoint(accelerator, path, method, progress)
+            except TrainingError as err:
+                error = err
+        if not any_process(accelerator, error is not None):
+            return path
+        reason = str(error) if error is not None else "another process could not load it"
+        if explicit:
+            raise TrainingError(reason) from error
+        damaged = any_process(accelerator, damaged)
+        aside = path.with_name(f"damaged-{path.name}")
+        if damaged and accelerator.is_main_process:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        log.warning(f"resume: skipped {path}: {reason}" + (f"; moved aside to {aside}" if damaged else ""))
+        skipped.append(f"{path.name}: {reason}")
+    if skipped:
+        raise TrainingError("--resume: no checkpoint loads; " + "; ".join(skipped))
+    return None

@@ -3,25 +3,35 @@
 Launch forms (docs/style.md §4.2): ``accelerate launch imas_train --config X``, ``accelerate launch -m imas_train
 --config X``, ``python -m imas_train --config X``, ``torchrun --nproc_per_node N -m imas_train --config X``.
 Libraries raise; this module prints the error and picks the exit code (`imas_core.errors`: 2 for an `ImasError`,
-3 when ``check-data`` finds problems, 130 interrupted).
+3 when ``check-data`` finds problems, 130 interrupted, 143 / 138 stopped by SIGTERM / SIGUSR1 after a checkpoint).
+
+Under a launcher (``LOCAL_RANK`` set by torchrun and Accelerate's multi-process launchers,
+``ACCELERATE_DYNAMO_BACKEND`` by every ``accelerate launch``), a training process asks Linux for SIGTERM when its
+parent dies (``prctl(PR_SET_PDEATHSIG)``): a worker whose launcher was killed checkpoints and stops instead of
+training on unseen. A plain ``python -m imas_train`` is left alone, so ``nohup`` runs outlive their shell.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
-from imas_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ImasError, exit_code
+from imas_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ImasError, TrainingStopped, exit_code
 
 __all__ = ["build_parser", "main"]
 
 _PROG = "imas-train"
 _SUBCOMMANDS = ("check-data", "make-splits")
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LAUNCHER_ENV = ("LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND")  # set for the processes a launcher starts
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +91,20 @@ def _size(text: str) -> float | int:
     return value
 
 
+def _die_with_launcher() -> None:
+    """Under a launcher on Linux, have the kernel send SIGTERM to this process when its parent exits.
+
+    A launcher that dies before this call leaves the worker running: the kernel cannot report a death that
+    already happened, and comparing the parent PID with 1 would misfire in containers where the launcher is PID 1.
+    """
+    if not sys.platform.startswith("linux") or not any(name in os.environ for name in _LAUNCHER_ENV):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl in this libc: keep the default (the worker outlives the launcher)
+        logging.getLogger(__name__).warning("cannot ask for SIGTERM on the launcher's death (no prctl)")
+
+
 def _run(command: str, args: argparse.Namespace) -> int:
     if command == "make-splits":
         from imas_train.data import make_splits, read_list, write_splits
@@ -103,6 +127,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
 
     from imas_train.train import train
 
+    _die_with_launcher()
     if args.output_dir is not None:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=args.output_dir))
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -129,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         return _run(command, args)
+    except TrainingStopped as err:  # not a failure: the checkpoint it names resumes the run
+        print(f"{_PROG}: {err}", file=sys.stderr)
+        return exit_code(err)
     except ImasError as err:
         print(f"{_PROG}: error: {err}", file=sys.stderr)
         return exit_code(err)

@@ -37,6 +37,9 @@ class ModelConfig:
     aux_channels: int = 256
     pretrained: Path | None = None  # local ImageNet backbone file; nothing is ever downloaded
     aux_labeled_only: bool = False  # §10 2b: run aux on the labeled slice only (changes aux BN statistics)
+    decoder: Literal["imas", "u2pl"] = "imas"  # u2pl: U2PL's decoder (3x3 ASPP projection, dropout; U2PL.md §5)
+    rep_head: bool = False  # U2PL's representation head on the classifier input (training only; not exported)
+    rep_channels: int = 256  # its output width (U2PL: 256)
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,48 @@ class ImasConfig:
 
 
 @dataclass(frozen=True)
+class U2plConfig:
+    """U2PL as its official code behaves (shared/methods/U2PL.md §3); every clean alternative is a flag (§9)."""
+
+    sup_only_epochs: int  # s: 0 Cityscapes, 1 VOC (the VOC config omits the key, default 1): no universal value
+    reference_world_size: int  # W_ref: 8 Cityscapes, 4 VOC; the contrastive term's effective weight is 1/W_ref
+    ema_decay: float = 0.99  # EMA cap; decay 0 (teacher = student) throughout epoch s
+    unsup_weight: float = 1.0  # lambda_u (absent from both configs -> 1)
+    drop_percent: float = 80.0  # alpha_t = (100 - drop_percent) * (1 - epoch/E) % of pixels dropped from L_u
+    low_entropy_threshold: float = 20.0  # alpha_0 of the contrastive partition, also decayed by (1 - epoch/E)
+    low_rank: int = 3  # r_l
+    high_rank: int = 20  # r_h
+    anchor_threshold: float = 0.3  # delta_p
+    negative_threshold: float = 1.0  # delta_n
+    num_anchors: int = 256  # anchors sampled per class, with replacement
+    num_negatives: int = 50  # negatives per anchor, with replacement
+    temperature: float = 0.5  # tau of the InfoNCE
+    bank_size: int = 30_000  # memory-bank rows per class ...
+    bank_size_class0: int = 50_000  # ... and for class 0
+    contrast_weight: float = 1.0  # loss_weight (absent -> 1); effective weight contrast_weight / reference_world_size
+    cutmix_prob: float = 0.5  # one draw per iteration, the same on every process
+    negatives_require_label: bool = True  # faithful; false: negatives of any label (the paper)
+    fix_class_indexing: bool = False  # faithful index bug; true: anchors, positive and bank all of class v_k
+    label_pad_value: int = 0  # faithful: padded crop pixels are class 0; 255 ignores them
+    ema_buffers: bool = False  # faithful: the teacher's BN statistics come from its own train-mode forwards
+    per_image_onehot: bool = False  # faithful batch-slot-0 union one-hot; true: an ordinary one-hot
+
+
+@dataclass(frozen=True)
+class CpsConfig:
+    """CPS as its official code behaves (shared/methods/CPS.md §2-3); alternatives are flags (docs/methods.md)."""
+
+    cps_weight: float  # 5 Cityscapes, 1 VOC with CutMix; 6 / 1.5 for plain CPS (§3): no universal value
+    reference_world_size: int  # W_ref: loss x 1/W_ref, the reference's gradient scale (§2.A item 9): 8 / 4; 1 = none
+    cutmix: bool = True  # the reported configuration (§2.A); false = plain CPS (§2.C)
+    n_boxes: int = 3  # toggled boxes per image, every CPS config (§2.B)
+    box_prop_range: tuple[float, float] = (0.25, 0.5)  # p ~ U(lo, hi), box area p / n_boxes (§2.B)
+    head_init: Literal["kaiming_fan_in", "toolkit"] = "kaiming_fan_in"  # reference head init (§3); toolkit = torch's
+    ignore_padding_in_unsup: bool = False  # faithful trains on padded unlabeled pixels (README §3 item 4)
+    eval_f2: bool = False  # also score f2 each evaluation; the reference evaluates f1 only (§2.E)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Validation protocol (ALGORITHM.md §8)."""
 
@@ -165,8 +210,10 @@ class TrainConfig:
     optim: OptimConfig
     eval: EvalConfig
     run: RunConfig
-    method: Literal["imas", "supervised"] = "imas"  # a module of imas_train.methods
+    method: Literal["imas", "supervised", "u2pl", "cps"] = "imas"  # a module of imas_train.methods
     imas: ImasConfig | None = None  # method 'imas' (ALGORITHM.md)
+    u2pl: U2plConfig | None = None  # method 'u2pl' (shared/methods/U2PL.md)
+    cps: CpsConfig | None = None  # method 'cps' (shared/methods/CPS.md)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,14 +278,71 @@ def check_consistency(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {val}")
     if cfg.eval.stride is not None and not 1 <= cfg.eval.stride <= cfg.eval.window:
         raise ConfigError(f"eval.stride must be in [1, eval.window={cfg.eval.window}], got {cfg.eval.stride}")
+    o, inf = cfg.optim, float("inf")  # comparisons are False for NaN, so NaN fails every range below
+    ranges = [  # (name, value, within range, the range in words)
+        ("optim.lr", o.lr, 0.0 < o.lr < inf, "a finite number > 0"),
+        ("optim.weight_decay", o.weight_decay, 0.0 <= o.weight_decay < inf, "a finite number >= 0"),
+        ("optim.head_lr_mult", o.head_lr_mult, 0.0 < o.head_lr_mult < inf, "a finite number > 0"),
+        ("optim.momentum", o.momentum, 0.0 <= o.momentum < 1.0, "in [0, 1)"),
+        ("optim.poly_power", o.poly_power, 0.0 <= o.poly_power < inf, "a finite number >= 0"),
+        ("optim.reference_global_batch", o.reference_global_batch, o.reference_global_batch >= 1, ">= 1"),
+        ("optim.max_iters", o.max_iters, o.max_iters is None or o.max_iters >= 1, "null or >= 1"),
+        ("loss.ohem_thresh", cfg.loss.ohem_thresh, 0.0 < cfg.loss.ohem_thresh <= 1.0, "in (0, 1]"),
+        ("loss.ohem_min_kept", cfg.loss.ohem_min_kept, cfg.loss.ohem_min_kept >= 0, ">= 0"),
+        ("loss.aux_weight", cfg.loss.aux_weight, 0.0 <= cfg.loss.aux_weight < inf, "a finite number >= 0"),
+        ("data.scale_range", d.scale_range, 0.0 < d.scale_range[0] <= d.scale_range[1] < inf, "0 < lo <= hi"),
+        ("data.long_side_range", d.long_side_range, 1 <= d.long_side_range[0] <= d.long_side_range[1], "1 <= lo <= hi"),
+        ("data.base_size", d.base_size, min(d.base_size) >= 1, "two sizes >= 1"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.demo.height/width", (d.demo.height, d.demo.width), min(d.demo.height, d.demo.width) >= 1, ">= 1"),
+        ("eval.every_epochs", cfg.eval.every_epochs, cfg.eval.every_epochs >= 1, ">= 1"),
+        ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1, ">= 1"),
+        ("run.log_every", cfg.run.log_every, cfg.run.log_every >= 1, ">= 1"),
+        ("run.checkpoint_every", cfg.run.checkpoint_every, cfg.run.checkpoint_every >= 1, ">= 1"),
+        ("run.keep_checkpoints", cfg.run.keep_checkpoints, cfg.run.keep_checkpoints >= 1, ">= 1"),
+    ]
+    if cfg.imas is not None:
+        m = cfg.imas
+        ranges += [
+            ("imas.ema_decay", m.ema_decay, 0.0 <= m.ema_decay <= 1.0, "in [0, 1]"),
+            ("imas.unsup_weight", m.unsup_weight, 0.0 <= m.unsup_weight < inf, "a finite number >= 0"),
+            ("imas.sup_only_epochs", m.sup_only_epochs, m.sup_only_epochs >= 0, ">= 0"),
+            ("imas.cutmix_fixed_prob", m.cutmix_fixed_prob, 0.0 <= m.cutmix_fixed_prob <= 1.0, "in [0, 1]"),
+        ]
+    for name, value, within, allowed in ranges:
+        if not within:
+            raise ConfigError(f"{name} must be {allowed}, got {value}")
     if cfg.method == "imas" and cfg.imas is None:
         raise ConfigError("method 'imas' needs an imas: section (at least imas.tau; see configs/demo.yaml)")
+    if cfg.method == "u2pl" and cfg.u2pl is None:
+        raise ConfigError("method 'u2pl' needs a u2pl: section (at least sup_only_epochs and reference_world_size)")
+    if cfg.u2pl is not None:
+        u = cfg.u2pl
+        if u.reference_world_size < 1 or not 0 <= u.low_rank < u.high_rank:
+            raise ConfigError(
+                f"u2pl: need reference_world_size >= 1 and 0 <= low_rank < high_rank, got {u.reference_world_size}, "
+                f"{u.low_rank}, {u.high_rank}"
+            )
+        if not (0.0 <= u.drop_percent <= 100.0 and 0.0 <= u.low_entropy_threshold <= 100.0):
+            raise ConfigError("u2pl.drop_percent and u2pl.low_entropy_threshold are percentages in [0, 100]")
     if cfg.imas is not None:
         if not 0.0 < cfg.imas.tau <= 1.0:
             raise ConfigError(f"imas.tau must be in (0, 1], got {cfg.imas.tau}")
         lo, hi = cfg.imas.cutmix_side_range
         if not 0.0 < lo <= hi < 1.0:
             raise ConfigError(f"imas.cutmix_side_range must satisfy 0 < lo <= hi < 1, got {(lo, hi)}")
+    if cfg.method == "cps" and cfg.cps is None:
+        raise ConfigError("method 'cps' needs a cps: section (at least cps_weight and reference_world_size)")
+    if cfg.method == "cps" and d.dataset != "demo" and d.unlabeled_list is None:
+        raise ConfigError("data.unlabeled_list is required for method 'cps'")
+    if cfg.cps is not None:
+        c = cfg.cps
+        lo, hi = c.box_prop_range
+        if c.cps_weight < 0 or c.reference_world_size < 1 or c.n_boxes < 1 or not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(
+                f"cps: need cps_weight >= 0, reference_world_size >= 1, n_boxes >= 1 and 0 < lo <= hi <= 1 in "
+                f"box_prop_range, got {c.cps_weight}, {c.reference_world_size}, {c.n_boxes}, {(lo, hi)}"
+            )
     if cfg.model.aux_labeled_only and not cfg.model.aux_head:
         raise ConfigError("model.aux_labeled_only needs model.aux_head: true")
 

@@ -16,10 +16,17 @@ state, the exported model) comes from the `Method` chosen by ``cfg.method`` (`im
 * The LR is written into the param groups every iteration (no prepared scheduler). With gradient accumulation the
   optimizers and the teachers move on sync steps only, and mid-epoch checkpoints are taken on sync steps.
 * A step's random draws come from a generator seeded from (seed, rank, iteration): a resumed run repeats them.
+* One run per folder: the main process locks ``<run>/.lock`` (after checking the folder is writable) before
+  anything is written, and holds the lock until `train` returns (`run_folder.RunLock`).
+* SIGTERM and SIGUSR1 (Slurm preemption, ``docker stop``, Kubernetes) only set a flag (`StopSignals`). After each
+  iteration that ends an optimizer step, the processes agree on it (a gather), so every rank stops after the same
+  iteration: a checkpoint is written and `TrainingStopped` raised (exit 143 or 138). A stop right after an
+  epoch's last iteration defers that epoch's end (CSV, evaluation) to the resume, so it costs one iteration only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
@@ -40,18 +47,20 @@ from tqdm.auto import tqdm
 
 import imas_core
 from imas_core.atomic import atomic_write_json, atomic_write_text
-from imas_core.errors import TrainingError
+from imas_core.errors import TrainingError, TrainingStopped
 from imas_core.scores import format_iou_table
 from imas_train.augment import normalise_images
-from imas_train.checkpoint import IMAGE_COLUMNS, Progress, find_checkpoint, load_checkpoint, save_checkpoint
+from imas_train.checkpoint import IMAGE_COLUMNS, Progress, resume_checkpoint, save_checkpoint
 from imas_train.config import TrainConfig, dump_config
 from imas_train.data import Datasets, build_datasets, iters_per_epoch, make_train_loader, make_val_loader
 from imas_train.evaluate import EvalResult, evaluate
 from imas_train.meters import Meters
-from imas_train.methods import Method, StepContext, StepResult, StudentForward, build_method, step_generator
+from imas_train.methods import Method, StepContext, StepResult, build_method, step_generator
 from imas_train.models import build_model
-from imas_train.optim import param_groups, scaled_lr, set_lrs
+from imas_train.optim import scaled_lr, set_lrs
 from imas_train.plots import plot_easiness, plot_miou
+from imas_train.run_folder import claim_run_folder
+from imas_train.stop_signals import StopSignals
 from imas_train.teacher_artifact import save_teacher, teacher_meta
 
 __all__ = ["TrainResult", "train"]
@@ -93,7 +102,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
 
     Args:
         cfg: the experiment; ``cfg.method`` chooses the method, ``cfg.run.output_dir`` is the run folder.
-        resume: None = start fresh; "auto" = continue from ``<run>/state/latest`` when it exists (else start fresh);
+        resume: None = start fresh; "auto" = continue from ``<run>/state/latest`` when it exists (else start fresh),
+            falling back to the newest checkpoint that loads when it is damaged (`checkpoint.resume_checkpoint`);
             a path = that checkpoint directory (or a run folder, then as "auto" inside it).
 
     Returns:
@@ -102,8 +112,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
         ``tensorboard/``.
 
     Raises:
-        TrainingError: a non-finite loss (nothing is saved for that iteration), an unusable checkpoint, or a
+        TrainingError: a non-finite loss (nothing is saved for that iteration), an unusable checkpoint, a run
+            folder that is not writable or is in use by another run, a checkpoint that cannot be saved, or a
             launch whose processes Accelerate cannot see.
+        TrainingStopped: SIGTERM or SIGUSR1 arrived; the run stopped after a checkpoint (resume it).
         ConfigError, DataError, WeightsError: bad settings or data.
     """
     run_dir = Path(cfg.run.output_dir)
@@ -117,6 +129,18 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
     )
     if accelerator.num_processes != launched:  # each process would otherwise train alone into the same folder
         raise TrainingError(f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}")
+    lock = claim_run_folder(accelerator, run_dir)
+    try:
+        with StopSignals() as stop:
+            return _run(cfg, accelerator, run_dir, resume, stop)
+    finally:
+        lock.release()
+
+
+def _run(
+    cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, resume: str | None, stop: StopSignals
+) -> TrainResult:
+    """The body of `train`, in a run folder this process holds (main process) and with the stop signals installed."""
     log.info(f"config: method {cfg.method}, dataset {cfg.data.dataset}, run {run_dir}")
     method = build_method(cfg)
     setup = _setup(cfg, accelerator, method)
@@ -124,9 +148,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
 
     # ---- resume: Accelerate state (networks, optimizers) + the method's state + progress (imas_train.checkpoint)
     progress = Progress()
-    ckpt = find_checkpoint(run_dir, resume) if resume else None
+    ckpt = resume_checkpoint(accelerator, run_dir, resume, method, progress) if resume else None
     if ckpt is not None:
-        load_checkpoint(accelerator, ckpt, method, progress)
         log.info(f"resume: {ckpt} (iteration {progress.step}, epoch {progress.step // setup.iters})")
     elif resume:
         log.info("resume: no checkpoint found, starting from scratch")
@@ -140,14 +163,17 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
     meters, session_start = Meters(method.log_keys), time.time()
     bar = tqdm(total=setup.stop, initial=progress.step, disable=not accelerator.is_main_process)
     try:
-        for epoch in range(progress.step // setup.iters, cfg.optim.epochs):
-            if progress.step >= setup.stop:
+        first = progress.epoch if progress.epoch_end_pending else progress.step // setup.iters
+        for epoch in range(first, cfg.optim.epochs):
+            if progress.step >= setup.stop and not progress.epoch_end_pending:
                 break
             if progress.step == epoch * setup.iters:
                 progress.start_epoch(epoch)
-            loaders = _epoch_loaders(cfg, setup, accelerator, epoch, method.streams(epoch),
-                                     start_batch=progress.step - epoch * setup.iters)  # fmt: skip
             epoch_end = min((epoch + 1) * setup.iters, setup.stop)
+            loaders = {}  # none when only the epoch's end is left (a stop deferred it)
+            if progress.step < epoch_end:
+                loaders = _epoch_loaders(cfg, setup, accelerator, epoch, method.streams(epoch),
+                                         start_batch=progress.step - epoch * setup.iters)  # fmt: skip
             for it in range(progress.step, epoch_end):
                 # 0. schedule: poly LR over E * L, written into every optimizer's param groups before the step
                 for optimizer in setup.optimizers:
@@ -189,8 +215,17 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
                         postfix["e"] = f"{scalars['easiness_mean']:.2f}"
                     bar.set_postfix(postfix)
                 # checkpoint mid-epoch (the epoch end saves below)
+                saved = None
                 if accelerator.sync_gradients and progress.step % cfg.run.checkpoint_every == 0 and it + 1 < epoch_end:
-                    _checkpoint(accelerator, run_dir, method, progress, cfg, time.time() - session_start)
+                    saved = _checkpoint(accelerator, run_dir, method, progress, cfg, time.time() - session_start)
+                # stop on SIGTERM / SIGUSR1: every process after the same optimizer step, with a checkpoint
+                if accelerator.sync_gradients and (signal_name := stop.agreed(accelerator)) is not None:
+                    progress.epoch_end_pending = progress.step == epoch_end
+                    saved = saved or _checkpoint(accelerator, run_dir, method, progress, cfg,
+                                                 time.time() - session_start)  # fmt: skip
+                    raise TrainingStopped(f"stopped by {signal_name} after iteration {progress.step}; checkpoint "
+                                          f"{saved}; continue with --resume auto", signal_name)  # fmt: skip
+            progress.epoch_end_pending = False
             # ---- epoch end: easiness records, evaluation (+ best model, plots), checkpoint
             csv = progress.close_epoch(epoch)
             if csv is not None and cfg.run.easiness_csv and accelerator.is_main_process:
@@ -247,7 +282,7 @@ def _setup(cfg: TrainConfig, accelerator: Accelerator, method: Method) -> Traini
     torch.backends.cudnn.benchmark = not cfg.run.deterministic
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    networks = method.build_networks(lambda: _new_model(cfg))
+    networks = method.build_networks(lambda: _new_model(cfg, method))
     method.setup_teachers(networks, accelerator.device)
     set_seed(cfg.run.seed, device_specific=True)
     global_batch = b * world * cfg.optim.grad_accum_steps
@@ -255,10 +290,10 @@ def _setup(cfg: TrainConfig, accelerator: Accelerator, method: Method) -> Traini
     forwards: list[nn.Module] = []
     optimizers: list[torch.optim.Optimizer] = []
     for model in networks.values():
-        forward: nn.Module = StudentForward(model)
+        forward: nn.Module = method.forward_adaptor(model)
         if world > 1 and accelerator.device.type == "cuda":  # gloo/CPU runs keep per-process BN statistics
             forward = nn.SyncBatchNorm.convert_sync_batchnorm(forward)
-        groups = param_groups(model, lr, cfg.optim.head_lr_mult, cfg.optim.weight_decay)
+        groups = method.param_groups(model, lr)
         optimizers.append(torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, nesterov=False))
         forwards.append(torch.compile(forward) if cfg.run.compile else forward)
     val_loader = make_val_loader(data.val, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
@@ -275,8 +310,8 @@ def _setup(cfg: TrainConfig, accelerator: Accelerator, method: Method) -> Traini
                          stop)  # fmt: skip
 
 
-def _new_model(cfg: TrainConfig) -> nn.Module:
-    model = build_model(cfg.model)
+def _new_model(cfg: TrainConfig, method: Method) -> nn.Module:
+    model = build_model(method.model_config(cfg.model))
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
@@ -416,7 +451,7 @@ def _save_artifact(
         "miou_history": [list(pair) for pair in zip(h["eval_epoch"], h["miou_teacher"], strict=True)],
     }
     meta = teacher_meta(
-        cfg,
+        dataclasses.replace(cfg, model=method.model_config(cfg.model)),
         class_names=setup.data.class_names,
         palette=setup.data.palette,
         split_sha256=setup.data.split_sha256,
@@ -432,11 +467,14 @@ def _save_artifact(
 
 def _checkpoint(
     accelerator: Accelerator, run_dir: Path, method: Method, progress: Progress, cfg: TrainConfig, dt: float
-) -> None:
+) -> Path:
     wall, progress.wall_time = progress.wall_time, progress.wall_time + dt  # saved with the session's time so far
-    path = save_checkpoint(accelerator, run_dir, method, progress, cfg.run.keep_checkpoints)
-    progress.wall_time = wall
+    try:
+        path = save_checkpoint(accelerator, run_dir, method, progress, cfg.run.keep_checkpoints)
+    finally:
+        progress.wall_time = wall
     log.info(f"checkpoint: {path} (iteration {progress.step})")
+    return path
 
 
 def _run_info(accelerator: Accelerator, resumed_from: Path | None) -> dict[str, Any]:

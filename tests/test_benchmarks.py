@@ -53,12 +53,15 @@ def test_train_step_smoke(tmp_path: Path) -> None:
     stdout, payload = _run("train_step", tmp_path)
     assert "| precision | variant" in stdout and "time ratio" in stdout
     rows = {r["variant"]: r for r in payload["results"]}
-    assert set(rows) == {"supervised", "imas_faithful", "imas_fast"}
+    assert set(rows) == {"supervised", "imas_faithful", "imas_fast", "u2pl", "cps"}
     assert rows["imas_faithful"]["cutmix_fired_fraction"] == 1.0 == rows["imas_fast"]["cutmix_fired_fraction"]
     # the FLOP counts follow the arithmetic of ALGORITHM.md §11.5 (14 and 11 vs 3 forward-equivalents, ± aux head)
     assert 4.2 < rows["imas_faithful"]["flop_ratio"] < 5.1
     assert 3.2 < rows["imas_fast"]["flop_ratio"] < 4.1
+    assert 4.6 < rows["cps"]["flop_ratio"] < 5.6  # 16 vs 3 forward-equivalents (shared/methods/README.md §2)
+    assert rows["u2pl"]["flop_ratio"] > 3.0  # 9 vs 3, plus U2PL's heavier decoder and representation head
     assert all(r["time_ms"] > 0 for r in rows.values())
+    assert all(r["peak_memory_mb"] is None or r["peak_memory_mb"] > 0 for r in rows.values())
 
 
 @pytest.mark.slow

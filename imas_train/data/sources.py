@@ -2,15 +2,22 @@
 
 A `Sample` names the image, the label (or None) and the `LabelRule` that decodes it. `FileSource` is the
 file-backed implementation of the source interface the datasets read from (`demo.DemoSource` is the other).
+
+Images are decoded by `decode_rgb`: 16-bit images are scaled to 8 bits by keeping the high byte (value >> 8), the
+rule Pillow itself applies to 16-bit RGB PNGs, so 16-bit greyscale and 16-bit colour files map alike; the first
+16-bit image a process reads is logged once. Nothing is clipped: 32-bit integer images beyond 16 bits and
+floating-point images are refused with the file named. `imas_infer.image_io.decode_rgb` applies the same rule.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import numpy as np
+from PIL import Image
 
 from imas_core.errors import DataError
 from imas_train.config import DataConfig
@@ -19,13 +26,60 @@ from imas_train.data.labels import (
     cityscapes_label_ids_rule,
     folder_rule,
     index_rule,
-    read_image,
     read_label,
 )
 from imas_train.data.lists import ListEntry
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _CITY_IMAGE_SUFFIX = "_leftImg8bit.png"
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's 16-bit greyscale modes, and 32-bit integer
+_noted_16bit = False  # the first 16-bit image of this process has been logged
+
+
+def _packed_16bit(img: Image.Image) -> bool:
+    """True for a file Pillow unpacks from 16 bits per channel into an 8-bit mode (16-bit RGB(A) PNGs)."""
+    return any(isinstance(tile[3], str) and ";16" in tile[3] for tile in img.tile)
+
+
+def decode_rgb(path: Path | str) -> tuple[np.ndarray, int]:
+    """Decode an image fully as RGB uint8 (H, W, 3); also return its bits per channel on file (8 or 16).
+
+    16-bit values v become v >> 8 (Pillow does this itself for 16-bit RGB(A) PNGs; its ``convert("RGB")`` would
+    clip 16-bit greyscale at 255 instead, so that mode is scaled here).
+
+    Raises:
+        DataError: the file is missing or undecodable, a 32-bit integer image has values beyond 0..65535, or the
+            image holds floating-point values (mode F: no known range).
+    """
+    try:
+        with Image.open(path) as img:
+            bits = 16 if img.mode in WIDE_GREY_MODES or _packed_16bit(img) else 8
+            img.load()
+            if img.mode in WIDE_GREY_MODES:
+                values = np.asarray(img)
+                if values.size and (values.min() < 0 or values.max() > 65535):
+                    raise DataError(f"{path}: {img.mode} image with values outside 0..65535; save it with 8 or 16 bits")
+                grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2), bits
+            if img.mode == "F":
+                raise DataError(f"{path}: floating-point image (mode F) has no known value range; save it as 8 bits")
+            return np.array(img.convert("RGB")), bits
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image not found") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot decode image ({err})") from err
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """`decode_rgb`'s image; the first 16-bit image of this process is logged (once per process)."""
+    global _noted_16bit
+    image, bits = decode_rgb(path)
+    if bits == 16 and not _noted_16bit:
+        _noted_16bit = True
+        log.warning(f"16-bit images are scaled to 8 bits (value >> 8); first one: {path}")
+    return image
 
 
 class Source(Protocol):

@@ -10,12 +10,19 @@ from __future__ import annotations
 from imas_core.errors import ConfigError
 from imas_train.config import TrainConfig
 from imas_train.methods.base import Method, StepContext, StepResult, StudentForward, step_generator
+from imas_train.methods.cps import CpsMethod
 from imas_train.methods.imas import ImasMethod
 from imas_train.methods.supervised import SupervisedMethod
+from imas_train.methods.u2pl import U2plMethod
 
 __all__ = ["METHODS", "Method", "StepContext", "StepResult", "StudentForward", "build_method", "step_generator"]
 
-METHODS: dict[str, type[Method]] = {"supervised": SupervisedMethod, "imas": ImasMethod}
+METHODS: dict[str, type[Method]] = {
+    "supervised": SupervisedMethod,
+    "imas": ImasMethod,
+    "u2pl": U2plMethod,
+    "cps": CpsMethod,
+}
 
 
 def build_method(cfg: TrainConfig) -> Method:

@@ -8,6 +8,10 @@ accumulation, logging, evaluation, checkpoints and the artifact. The method owns
 ==========================  ===========================================================================================
 `build_networks`            the networks trained with gradients, by name; each gets its own SGD optimizer
                             (one ``student`` by default; CPS trains two)
+`model_config`              the model the method trains, from ``cfg.model`` (U2PL adds its representation head);
+                            recorded in the artifact's sidecar
+`forward_adaptor`           the module Accelerate prepares around each network (`StudentForward` by default)
+`param_groups`              a network's optimizer groups (backbone and head, `imas_train.optim`, by default)
 `setup_teachers`            no-grad models made from those networks before SyncBN and ``prepare`` (EMA teachers);
                             how they update is the method's business (`after_optimizer_step`)
 `streams`                   which data streams an epoch reads (``labeled``, ``unlabeled``, ``unlabeled_mix``: a
@@ -40,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from imas_core.constants import IGNORE_INDEX
-from imas_train.config import TrainConfig
+from imas_train.config import ModelConfig, TrainConfig
+from imas_train.optim import param_groups
 
 __all__ = ["Batch", "Method", "StepContext", "StepResult", "StudentForward", "broadcast_buffers", "step_generator"]
 
@@ -159,6 +164,20 @@ class Method(abc.ABC):
     def label_pad(self) -> int:
         """Label value of padded pixels in training crops; 255 (ignored) unless a method's reference says otherwise."""
         return IGNORE_INDEX
+
+    def model_config(self, model: ModelConfig) -> ModelConfig:
+        """The model this method trains, given the config's; the artifact's sidecar records it. Default: as is."""
+        return model
+
+    def forward_adaptor(self, model: nn.Module) -> nn.Module:
+        """The module prepared around a trained network (its ``forward`` is what `step` calls). Default:
+        `StudentForward`, returning ``(logits, logits_aux | None)``."""
+        return StudentForward(model)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """The SGD parameter groups of one trained network at base LR `lr` (after the config's LR scaling). Default:
+        backbone and head groups with ``optim.head_lr_mult`` and ``optim.weight_decay`` (`imas_train.optim`)."""
+        return param_groups(model, lr, self.cfg.optim.head_lr_mult, self.cfg.optim.weight_decay)
 
     def build_networks(self, new_model: Callable[[], nn.Module]) -> dict[str, nn.Module]:
         """The networks trained with gradients, by name, in optimizer order. Default: one ``student``.

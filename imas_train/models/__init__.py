@@ -40,6 +40,7 @@ def check_model_config(cfg: ModelConfig) -> None:
         "low_level_channels": cfg.low_level_channels,
         "decoder_channels": cfg.decoder_channels,
         "aux_channels": cfg.aux_channels,
+        "rep_channels": cfg.rep_channels,
     }
     for name, value in widths.items():
         if value < 1:
@@ -81,4 +82,6 @@ def build_model(cfg: ModelConfig) -> DeepLabV3Plus:
         low_level_channels=cfg.low_level_channels,
         decoder_channels=cfg.decoder_channels,
         aux_channels=cfg.aux_channels,
+        decoder=cfg.decoder,
+        rep_channels=cfg.rep_channels if cfg.rep_head else None,
     )

@@ -65,7 +65,8 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypa
         with pytest.raises(Killed):
             imas_train.train.train(cfg)
     state = tmp_path / "run" / "state"
-    assert (state / ".tmp-2").is_dir() and (state / "latest").read_text().strip() == "step-00000001"
+    assert [p.name for p in state.glob(".tmp-2-*")] == [f".tmp-2-{os.getpid()}"]  # the save's PID in its name
+    assert (state / "latest").read_text().strip() == "step-00000001"
     (state / "step-00000009").mkdir()  # a directory without progress.json is never picked
     assert find_checkpoint(state.parent, "auto") == state / "step-00000001"
     (state / "latest").unlink()  # without `latest`, the newest COMPLETE checkpoint by its recorded step
@@ -79,7 +80,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(torch, "load", recording_load)
     result = imas_train.train.train(cfg, resume="auto")
-    assert result.iterations == 2 and not (state / ".tmp-2").exists()
+    assert result.iterations == 2 and not list(state.glob(".tmp-*"))
     assert loads and all(w is True for w in loads)  # optimizer and RNG files: never unrestricted pickle
 
 

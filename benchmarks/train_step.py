@@ -260,6 +260,19 @@ def peak_memory_mb(args: argparse.Namespace, name: str) -> float | None:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_mb"])
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size. Linux: VmHWM of /proc/self/status, which starts afresh at exec (the
+    ru_maxrss of getrusage does not: it keeps the parent's peak across fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
+
+
 def memory_of(args: argparse.Namespace, name: str) -> int:
     """Child of `peak_memory_mb`: only `name`'s model(s) and three iterations; prints one JSON line."""
     args.variants = [name]
@@ -269,7 +282,7 @@ def memory_of(args: argparse.Namespace, name: str) -> int:
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        peak = _peak_rss_mb()
     print(json.dumps({"variant": name, "peak_memory_mb": peak}))
     return 0
 

@@ -3,6 +3,18 @@
 Every write goes to a temporary file in the destination folder (a name unique to the process and the call), which is
 renamed over the destination. With ``fsync=True`` (the default) the data and the directory entry are flushed to disk
 first, so the file also survives a power cut; outputs that can be recomputed (inference results) skip that cost.
+
+Permissions: ``tempfile.mkstemp`` creates the temporary with mode 0600 whatever the umask, so before the rename it is
+given ``0o666 & ~umask``, the mode ``open()`` would have given a new file: artifacts and predictions are readable by
+the group or everyone exactly as the user's umask says. The umask is read without changing it, from the ``Umask:``
+line of ``/proc/self/status`` (Linux >= 4.7), on every write, so a process that changes its umask is followed.
+Where that line is missing (macOS, older kernels) it is read once per process with ``os.umask`` set-and-restore
+under a lock and cached: the umask is process-wide, so a file another thread creates in that instant could get
+the wrong mode, and doing it once bounds that window to one moment per process.
+
+A write killed between the temporary's creation and the rename leaves ``.<name>.<8 random characters>.tmp`` behind;
+`stale_temporaries` finds such files in a folder, for a caller that knows no live writer owns them (training removes
+them from its run folder once it holds the run lock).
 """
 
 from __future__ import annotations
@@ -10,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -23,7 +37,38 @@ __all__ = [
     "fsync_dir",
     "fsync_tree",
     "sha256_file",
+    "stale_temporaries",
+    "umask",
 ]
+
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # `atomic_write`'s temporaries: mkstemp's 8 random characters
+_cached_umask: int | None = None  # the umask read with os.umask where /proc is unavailable (once per process)
+_umask_lock = threading.Lock()
+
+
+def _proc_umask() -> int | None:
+    """The umask from ``/proc/self/status`` (Linux >= 4.7), or None where the file or its line is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def umask() -> int:
+    """The process's file-creation mask, read without changing it where Linux allows (see the module docstring)."""
+    global _cached_umask
+    value = _proc_umask()
+    if value is not None:
+        return value
+    with _umask_lock:
+        if _cached_umask is None:
+            _cached_umask = os.umask(0o022)
+            os.umask(_cached_umask)
+        return _cached_umask
 
 
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], object], *, fsync: bool = True) -> None:
@@ -39,6 +84,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], object], *, fsyn
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask())  # mkstemp's 0600 -> what open() would give under this umask
             write(fh)
             if fsync:
                 fh.flush()
@@ -86,6 +132,18 @@ def fsync_tree(root: Path | str) -> None:
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def stale_temporaries(folder: Path | str) -> list[Path]:
+    """The temporaries `atomic_write` left in `folder` (not below it) when killed before its rename, sorted.
+
+    Only files named like them (``.<name>.<8 random characters>.tmp``) are listed; removing them is safe only for a
+    caller that knows no writer is alive in `folder`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(".*.tmp") if _TEMP_NAME.fullmatch(p.name) and p.is_file())
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:

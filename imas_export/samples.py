@@ -4,6 +4,10 @@ Images come back as raw RGB uint8 (N, 3, H, W) at exactly the window size (for s
 an image at least as large as the window is centre-cropped at native resolution (what a sliding window sees); a
 smaller one is first resized up (bilinear; labels nearest) so it covers the window. Labels are uint8 (N, H, W),
 255 = ignore.
+
+Files are decoded by `imas_core.images.decode_rgb`, as in training and `imas-infer`: 16-bit images keep their high
+byte (value >> 8) instead of being clipped, and the EXIF orientation is applied (a label is turned with its image
+by the rule of `imas_core.images.orient_label`), so parity and calibration see the pixels inference will see.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from PIL import Image
 
 from imas_core.classes import DEMO_CLASSES
 from imas_core.errors import DataError, ExportError
+from imas_core.images import decode_rgb, orient_label
 from imas_export.options import MIN_CALIBRATION_IMAGES, OnnxExportOptions
 
 _log = logging.getLogger(__name__)
@@ -69,8 +74,11 @@ def load_files(
     """Read `files` fitted to `window` and, with `labels_dir`, the label PNG of the same stem for each."""
     images, labels = [], []
     for path in files:
-        with Image.open(path) as img:
-            rgb = fit_to_window(img.convert("RGB"), window, Image.Resampling.BILINEAR)
+        try:
+            decoded = decode_rgb(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"{path}: cannot decode image ({err})") from err
+        rgb = fit_to_window(Image.fromarray(decoded.rgb), window, Image.Resampling.BILINEAR)
         images.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
         if labels_dir is not None:
             label_path = labels_dir / f"{path.stem}.png"
@@ -79,7 +87,8 @@ def load_files(
             with Image.open(label_path) as lab:
                 if lab.mode not in ("L", "P"):
                     raise DataError(f"{label_path}: labels must be single-channel class-index PNGs, got {lab.mode}")
-                lab_fit = fit_to_window(lab, window, Image.Resampling.NEAREST)
+                raw = orient_label(np.array(lab, dtype=np.uint8), decoded.orientation, decoded.stored_hw)
+            lab_fit = fit_to_window(Image.fromarray(raw), window, Image.Resampling.NEAREST)
             labels.append(np.asarray(lab_fit, dtype=np.uint8))
     return Samples(
         images=np.stack(images),

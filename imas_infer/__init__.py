@@ -134,6 +134,7 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
             on_image=ev.image,
             on_error=ev.error,
             on_notice=ev.notice,
+            exif_orientation=options.exif_orientation,
         )
         class_names = be.info.class_names
     report.update(summary.to_dict())

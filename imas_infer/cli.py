@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="output root; one sub-folder per --save kind, input tree mirrored")
     p.add_argument("--backend", choices=BACKENDS, help="override the backend chosen from the model file")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's)")
+    p.add_argument(
+        "--no-exif-orientation", dest="exif_orientation", action="store_false",
+        help="ignore the EXIF orientation tag of inputs (default: applied, so outputs match what a viewer shows)",
+    )  # fmt: skip
     g = p.add_argument_group("windows")
     g.add_argument(
         "--protocol",
@@ -128,6 +132,7 @@ def options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         save=args.save,
         gt=args.gt,
         gt_suffix=args.gt_suffix,
+        exif_orientation=args.exif_orientation,
         threads=args.threads,
         readers=args.readers,
         writers=args.writers,

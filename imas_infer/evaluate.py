@@ -26,6 +26,7 @@ from PIL import Image
 from imas_core.classes import cityscapes_label_to_train_table
 from imas_core.constants import IGNORE_INDEX
 from imas_core.errors import InferError
+from imas_core.images import orient_label
 from imas_core.scores import format_iou_table, intersection_union, miou
 from imas_infer.image_io import CITYSCAPES_IMAGE_SUFFIX, InputItem
 
@@ -121,8 +122,13 @@ class Evaluator:
         self._images = 0
         self._lock = threading.Lock()
 
-    def add(self, index: int, labels: np.ndarray) -> None:
+    def add(
+        self, index: int, labels: np.ndarray, *, orientation: int = 1, stored_hw: tuple[int, int] | None = None
+    ) -> None:
         """Score the prediction of input `index` (no-op without GT).
+
+        `orientation` and `stored_hw` are the input's applied EXIF orientation and stored size: the GT mask is
+        turned with the image when it has that stored size (`imas_core.images.orient_label`).
 
         Raises:
             InferError: unreadable GT, a size mismatch, or GT values that are neither class ids nor 255.
@@ -134,6 +140,8 @@ class Evaluator:
             gt = read_label_map(path)
         except OSError as err:
             raise InferError(f"{path}: unreadable ground truth ({err})") from err
+        if stored_hw is not None:
+            gt = orient_label(gt, orientation, stored_hw)
         if gt.shape != labels.shape:
             raise InferError(
                 f"{path}: ground truth is {gt.shape[0]}x{gt.shape[1]}, prediction {labels.shape[0]}x{labels.shape[1]}"

@@ -17,9 +17,10 @@ Every file is written to a temporary name in its folder and renamed into place, 
 file (no fsync: the outputs are reproducible, durability after a power cut is not worth the time). The output
 folder is checked before the model is loaded (`check_output_folder`), so an unwritable one fails at once.
 
-16-bit inputs (`decode_rgb`) are scaled to 8 bits by keeping the high byte (value >> 8): Pillow does this itself for
-16-bit RGB(A) PNGs, and 16-bit greyscale (which Pillow's ``convert("RGB")`` would clip at 255) gets the same rule.
-The training loaders (`imas_train.data.sources.decode_rgb`) apply the same rule.
+Images are decoded by `imas_core.images.decode_rgb`, the decoder training and export use too: 16-bit inputs are
+scaled to 8 bits by keeping the high byte (value >> 8), and the EXIF orientation is applied (``--no-exif-orientation``
+turns that off), so a phone or dash-cam JPEG is segmented the way a viewer shows it and every output is written in
+that orientation.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imas_core import images
 from imas_core.atomic import atomic_write
 from imas_core.errors import InferError
 
@@ -41,7 +43,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit"
 _PNG_COMPRESS_LEVEL = 1  # label maps compress well even at level 1, and encoding stays off the critical path
 _EXTENSION = {"labels": ".png", "cityscapes-ids": ".png", "color": ".png", "overlay": ".jpg", "probs": ".npy"}
-WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's 16-bit greyscale modes, and 32-bit integer
 
 
 @dataclass(frozen=True)
@@ -126,39 +127,23 @@ def check_output_folder(folder: Path, what: str = "--output") -> None:
         raise InferError(f"{what} {folder} is not writable: {err.strerror or err}") from err
 
 
-def _packed_16bit(img: Image.Image) -> bool:
-    """True for a file Pillow unpacks from 16 bits per channel into an 8-bit mode (16-bit RGB(A) PNGs)."""
-    return any(isinstance(tile[3], str) and ";16" in tile[3] for tile in img.tile)
-
-
-def decode_rgb(path: Path) -> tuple[np.ndarray, int]:
+def decode_rgb(path: Path, *, exif_orientation: bool = True) -> tuple[np.ndarray, int]:
     """Decode an image as (H, W, 3) uint8 RGB, and its bits per channel on file (8 or 16).
 
-    Greyscale, palette and alpha images are converted; 16-bit values v become v >> 8 (see the module docstring).
+    Greyscale, palette and alpha images are converted; 16-bit values v become v >> 8; with `exif_orientation` the
+    EXIF orientation is applied (`imas_core.images`).
 
     Raises:
         OSError / ValueError (from Pillow): unreadable, truncated or not an image. ValueError also for a 32-bit
             integer image with values beyond 0..65535 and a floating-point image (mode F): no known range.
     """
-    with Image.open(path) as img:
-        bits = 16 if img.mode in WIDE_GREY_MODES or _packed_16bit(img) else 8
-        img.load()  # decode fully here, so a truncated file fails in the reader thread
-        if img.mode in WIDE_GREY_MODES:
-            values = np.asarray(img)
-            if values.size and (values.min() < 0 or values.max() > 65535):
-                raise ValueError(f"{img.mode} image with values outside 0..65535; save it with 8 or 16 bits")
-            grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
-            return np.repeat(grey[..., None], 3, axis=2), bits
-        if img.mode == "F":
-            raise ValueError("floating-point image (mode F) has no known value range; save it with 8 or 16 bits")
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img, dtype=np.uint8), bits
+    decoded = images.decode_rgb(path, exif_orientation=exif_orientation)
+    return decoded.rgb, decoded.bits
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path, *, exif_orientation: bool = True) -> np.ndarray:
     """`decode_rgb`'s image alone."""
-    return decode_rgb(path)[0]
+    return decode_rgb(path, exif_orientation=exif_orientation)[0]
 
 
 def output_path(root: Path, kind: str, rel: Path) -> Path:

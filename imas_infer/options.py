@@ -47,6 +47,7 @@ class InferOptions:
     save: tuple[SaveKind, ...] = ("labels",)
     gt: Path | None = None  # ground-truth directory: adds mIoU over all images
     gt_suffix: str | None = None  # GT file name = <input stem> + suffix (default ".png"; Cityscapes automatic)
+    exif_orientation: bool = True  # apply inputs' EXIF orientation, as viewers do (imas_core.images); False: stored
     threads: int | None = None  # intra-op threads of ONNX Runtime / torch; None: the runtime's default
     readers: int = 2  # decoding threads
     writers: int = 2  # encoding/writing threads

@@ -13,6 +13,9 @@ A stitched model (sliding window inside the graph) skips planning and stitching:
 failure of that image.
 
 16-bit inputs are scaled to 8 bits (`image_io.decode_rgb`); the first one is reported through `on_notice`, once.
+The EXIF orientation of an input is applied when it is decoded (unless `exif_orientation` is False), so the model and
+every output see the image as a viewer shows it; a ground-truth mask of such an image is turned with it by the rule
+of `imas_core.images` (only when it has the image's stored, unturned size).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from imas_core import images
 from imas_core.constants import PAD_RGB
 from imas_core.errors import InferError
+from imas_core.images import DecodedImage
 from imas_core.runners.base import Backend
 from imas_infer import image_io
 from imas_infer.evaluate import Evaluator
@@ -59,12 +64,13 @@ class SyntheticItem:
         return self.path
 
 
-def load_image(item: InputItem | SyntheticItem) -> tuple[np.ndarray, int]:
-    """The image as (H, W, 3) uint8 RGB, and its bits per channel on file (8 or 16)."""
+def load_image(item: InputItem | SyntheticItem, *, exif_orientation: bool = True) -> DecodedImage:
+    """The image as (H, W, 3) uint8 RGB (EXIF orientation applied if asked), with its bits per channel on file."""
     if isinstance(item, SyntheticItem):
         rng = np.random.default_rng(item.index)
-        return rng.integers(0, 256, size=(item.height, item.width, 3), dtype=np.uint8), 8
-    return image_io.decode_rgb(item.path)
+        rgb = rng.integers(0, 256, size=(item.height, item.width, 3), dtype=np.uint8)
+        return DecodedImage(rgb, 8, 1, (item.height, item.width))
+    return images.decode_rgb(item.path, exif_orientation=exif_orientation)
 
 
 class _Run:
@@ -95,6 +101,13 @@ class _Run:
         self.lock = threading.Lock()
         self.palette = image_io.palette_table(outputs.palette)
         self.whole = WholeImageBatches(backend, settings, self.timings) if settings.mode == "stitched" else None
+        self.orientations: dict[int, tuple[int, tuple[int, int]]] = {}  # index -> EXIF turn for its GT
+
+    def note_orientation(self, index: int, decoded: DecodedImage) -> None:
+        """Remember an input's EXIF orientation until its ground truth is scored (only when there is any)."""
+        if self.evaluator is not None and decoded.orientation != 1:
+            with self.lock:
+                self.orientations[index] = (decoded.orientation, decoded.stored_hw)
 
     def fail(self, path: Path, reason: str) -> None:
         with self.lock:
@@ -190,6 +203,8 @@ class _Run:
         assert self.whole is not None
         reason = self.whole.refusal(image)
         if reason is not None:
+            with self.lock:
+                self.orientations.pop(index, None)
             self.fail(item.path, reason)
             return
         for done in self.whole.add(index, (item, image, started), image):
@@ -206,6 +221,8 @@ class _Run:
         self, index: int, payload: tuple[Any, np.ndarray, float], labels: np.ndarray, probs: np.ndarray | None
     ) -> None:
         item, image, started = payload
+        with self.lock:
+            orientation, stored_hw = self.orientations.pop(index, (1, (int(labels.shape[-2]), int(labels.shape[-1]))))
         try:
             t0 = time.perf_counter()
             if self.outputs.root is not None:
@@ -213,7 +230,7 @@ class _Run:
             t1 = time.perf_counter()
             self.timings.add("write", t1 - t0)
             if self.evaluator is not None:
-                self.evaluator.add(index, labels)
+                self.evaluator.add(index, labels, orientation=orientation, stored_hw=stored_hw)
                 self.timings.add("eval", time.perf_counter() - t1)
             t2 = time.perf_counter()
             self.timings.image_done(t2 - started)
@@ -228,14 +245,14 @@ class _Run:
 
 
 def _load(
-    index: int, item: InputItem | SyntheticItem
-) -> tuple[int, Any, np.ndarray | None, int, str | None, float, float]:
+    index: int, item: InputItem | SyntheticItem, exif_orientation: bool
+) -> tuple[int, Any, DecodedImage | None, str | None, float, float]:
     started = time.perf_counter()
     try:
-        (image, bits), error = load_image(item), None
+        decoded, error = load_image(item, exif_orientation=exif_orientation), None
     except Exception as err:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        image, bits, error = None, 8, f"unreadable image ({type(err).__name__}: {err})"
-    return index, item, image, bits, error, started, time.perf_counter() - started
+        decoded, error = None, f"unreadable image ({type(err).__name__}: {err})"
+    return index, item, decoded, error, started, time.perf_counter() - started
 
 
 def run_pipeline(
@@ -251,6 +268,7 @@ def run_pipeline(
     on_image: Callable[[], None] | None = None,
     on_error: Callable[[str, str], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
+    exif_orientation: bool = True,
 ) -> RunSummary:
     """Run every input through the model and write its outputs.
 
@@ -264,6 +282,7 @@ def run_pipeline(
         on_image: called once per finished image (success or failure), e.g. to advance a progress bar.
         on_error: called with (path, reason) for each image that failed.
         on_notice: called once with a line saying that 16-bit inputs are scaled, at the first one.
+        exif_orientation: apply each input's EXIF orientation (`imas_core.images`); False reads stored pixels.
 
     Returns:
         Counts, failures and timings of the run.
@@ -279,23 +298,24 @@ def run_pipeline(
             noted_16bit = False
             try:
                 for index, item in queue:
-                    pending.append(read_pool.submit(_load, index, item))
+                    pending.append(read_pool.submit(_load, index, item, exif_orientation))
                     if len(pending) >= prefetch:
                         break
                 while pending:
-                    index, item, image, bits, error, started, seconds = pending.popleft().result()
+                    index, item, decoded, error, started, seconds = pending.popleft().result()
                     following = next(queue, None)
                     if following is not None:
-                        pending.append(read_pool.submit(_load, *following))
+                        pending.append(read_pool.submit(_load, *following, exif_orientation))
                     run.timings.add("decode", seconds)
-                    if image is None:
+                    if decoded is None:
                         run.fail(item.path, error or "unreadable image")
                         continue
-                    if bits == 16 and not noted_16bit:
+                    if decoded.bits == 16 and not noted_16bit:
                         noted_16bit = True
                         if on_notice is not None:
                             on_notice(f"16-bit images are scaled to 8 bits (value >> 8); first one: {item.path}")
-                    run.admit(index, item, image, started)
+                    run.note_orientation(index, decoded)
+                    run.admit(index, item, decoded.rgb, started)
                 run.flush()
             except BaseException:
                 read_pool.shutdown(wait=True, cancel_futures=True)

@@ -5,8 +5,9 @@ Layout::
 
     <run>/.lock                  the run lock: holder's PID, host and start time (`imas_train.run_folder.RunLock`)
     <run>/state/step-00000420/   model*.safetensors, optimizer*.bin, random_states_<rank>.pkl (Accelerate),
-                                 method_state.safetensors, method_state.json, progress.json (ours),
-                                 manifest.json (size and sha256 of every other file, written last)
+                                 method_state.safetensors, method_state.json, progress.json, config.yaml (ours),
+                                 manifest.json (size and sha256 of every other file, the checkpoint's health and
+                                 the split lists' sha256; written last)
     <run>/state/latest           text file naming the newest complete checkpoint directory
     <run>/state/.tmp-<step>-<pid>/   a save in progress (pid of the main process); never read
     <run>/state/damaged-step-*/  a checkpoint that failed its manifest check on resume, set aside for inspection
@@ -20,6 +21,17 @@ raises `TrainingError` saying so.
 Resuming checks the manifest first (a truncated, missing or modified file is named), then loads. With ``--resume
 auto`` a checkpoint that does not load is skipped, with its reason logged, for the next newest one; a failed
 manifest check also moves it aside to ``damaged-step-*`` so that pruning never keeps it in place of a good one.
+
+Health: each manifest records whether every weight (the trained networks and the method's state, e.g. the EMA
+teacher) was finite at save time, the largest absolute weight, the last logged loss and the lowest loss logged so
+far in the run. A checkpoint is *healthy* when its weights are finite and its loss was not exploding (finite and at
+most `EXPLODING_FACTOR` times the run's lowest logged loss, floored at `LOSS_FLOOR`). Pruning never deletes the
+newest healthy checkpoint, so after a divergence the last good state survives however many diverged checkpoints
+followed it; `health_report` names it (the non-finite-loss error of the loop quotes it).
+
+Resuming with another experiment is refused: each checkpoint holds the resolved ``config.yaml`` of its run, and
+`config_changes` compares it (and the split lists' sha256) with the new run's, ignoring `RESUMABLE_KEYS`; the loop
+raises with the differing keys unless ``--allow-config-change`` is given (then they are recorded in ``run.json``).
 
 One run per folder: the main process holds an exclusive ``fcntl.flock`` on ``<run>/.lock`` for the whole run
 (`RunLock`). The kernel drops it when the process exits, however it exits, so a crashed run leaves no stale lock.
@@ -39,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -47,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
@@ -54,14 +68,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from imas_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_tree, sha256_file
-from imas_core.errors import TrainingError
+from imas_core.errors import ConfigError, TrainingError
+from imas_core.typed import from_dict, to_dict
+from imas_train.config import TrainConfig
 from imas_train.methods.base import Method
 from imas_train.run_folder import any_process
 
 __all__ = [
     "IMAGE_COLUMNS",
+    "RESUMABLE_KEYS",
     "Progress",
+    "SaveRecord",
+    "config_changes",
     "find_checkpoint",
+    "health_report",
     "load_checkpoint",
     "resume_checkpoint",
     "save_checkpoint",
@@ -76,6 +96,15 @@ _METHOD_TENSORS = "method_state.safetensors"
 _METHOD_JSON = "method_state.json"
 _PROGRESS_FILE = "progress.json"
 _MANIFEST = "manifest.json"
+_CONFIG = "config.yaml"
+EXPLODING_FACTOR = 1000.0  # a logged loss this many times the run's lowest so far is exploding, not noise
+LOSS_FLOOR = 0.01  # ... where the lowest is taken as at least this (a loss near 0 would make any rise "exploding")
+RESUMABLE_KEYS = frozenset({
+    "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.tensorboard", "run.easiness_csv",
+    "eval.every_epochs", "optim.max_iters", "data.num_workers",  # when and how much, not what, is computed
+    "run.output_dir",  # a run folder may be moved or spelled differently
+    "model.pretrained",  # read only at initialisation: the checkpoint holds every weight
+})  # fmt: skip
 _HISTORY_KEYS = (
     "eval_epoch", "miou_teacher", "miou_student",  # one entry per evaluation
     "epoch", "easiness_mean", "easiness_std", "easiness_p10", "easiness_p90", "ratio_s_mean", "cutmix_rate",
@@ -98,6 +127,8 @@ class Progress:
             trigger of their iteration (so their means weight every process equally).
         epoch_end_pending: the run stopped on a signal right after the last iteration of epoch `epoch`, before its
             end (easiness CSV, evaluation, best model): a resume does that first. False in every other checkpoint.
+        last_loss, last_loss_step: the last logged loss (mean over the logging window and the processes) and the
+            iteration it was logged at; lowest_loss: the lowest logged loss of the run (checkpoint health).
     """
 
     epoch: int = 0
@@ -111,6 +142,15 @@ class Progress:
     epoch_ratio_s: float = 0.0
     epoch_fired: float = 0.0
     epoch_end_pending: bool = False
+    last_loss: float | None = None
+    last_loss_step: int = 0
+    lowest_loss: float | None = None
+
+    def note_loss(self, loss: float, step: int) -> None:
+        """Record a logged loss (for the health record of the next checkpoints)."""
+        self.last_loss, self.last_loss_step = loss, step
+        if math.isfinite(loss) and (self.lowest_loss is None or loss < self.lowest_loss):
+            self.lowest_loss = loss
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +203,17 @@ class Progress:
         return "\n".join(["index,easiness", *rows]) + "\n"
 
 
+@dataclass(frozen=True)
+class SaveRecord:
+    """What a checkpoint records about its run besides the state (main process): the resolved config and the split
+    lists' sha256 (compared on resume), and whether the weights were finite (health)."""
+
+    config_yaml: str  # `imas_train.config.dump_config` of the run
+    split_sha256: dict[str, str]
+    weights_finite: bool
+    max_abs_weight: float | None  # None when a weight is not finite
+
+
 def _is_complete(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".tmp") and (path / _PROGRESS_FILE).is_file()
 
@@ -176,33 +227,53 @@ def _recorded_step(path: Path) -> int:
 
 
 def _prune(state_dir: Path, keep: int, current: Path) -> None:
-    """Delete stale ``.tmp-*`` saves and all but the newest `keep` complete checkpoints (by recorded step).
+    """Delete stale ``.tmp-*`` saves and all but the newest `keep` complete checkpoints (by recorded step), except
+    the newest healthy checkpoint (see the module docstring), which is kept as well.
 
     Every ``.tmp-*`` directory is stale here: the run lock keeps other runs out of this folder.
     """
     for tmp in state_dir.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     done = sorted((p for p in state_dir.glob("step-*") if _is_complete(p)), key=_recorded_step)
+    healthy = [p for p in done if _health(p)[0] is True]
     for old in done[: max(0, len(done) - max(keep, 1))]:
-        if old != current:
+        if old != current and (not healthy or old != healthy[-1]):  # the newest healthy one always survives
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_state(accelerator: Accelerator, tmp: Path, method: Method, progress: Progress) -> None:
+def _write_state(
+    accelerator: Accelerator, tmp: Path, method: Method, progress: Progress, record: SaveRecord | None
+) -> None:
     accelerator.save_state(str(tmp))  # every rank writes its random_states_<rank>.pkl
     if accelerator.is_main_process:
         tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_tensors().items()}
         atomic_write_bytes(tmp / _METHOD_TENSORS, save(tensors))
         atomic_write_json(tmp / _METHOD_JSON, method.state())
         atomic_write_json(tmp / _PROGRESS_FILE, progress.state_dict())
+        if record is not None:
+            atomic_write_text(tmp / _CONFIG, record.config_yaml)
 
 
-def _commit(tmp: Path, final: Path) -> None:
+def _manifest_extra(progress: Progress, record: SaveRecord | None) -> dict[str, Any]:
+    """The manifest's entries besides the files: health (see the module docstring) and the split digests."""
+    if record is None:
+        return {}
+    health = {
+        "weights_finite": record.weights_finite,
+        "max_abs_weight": record.max_abs_weight,
+        "loss": progress.last_loss,
+        "loss_step": progress.last_loss_step,
+        "lowest_loss": progress.lowest_loss,
+    }
+    return {"health": health, "split_sha256": dict(record.split_sha256)}
+
+
+def _commit(tmp: Path, final: Path, extra: dict[str, Any]) -> None:
     """Flush `tmp`, write its manifest, rename it to `final` (the commit point) and point ``latest`` at it."""
     fsync_tree(tmp)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-    atomic_write_json(tmp / _MANIFEST, {"files": manifest})
+    atomic_write_json(tmp / _MANIFEST, {"files": manifest, **extra})
     replaced = None
     if final.exists():  # the same step saved twice (an epoch end completed after a stop): keep it until the rename
         replaced = final.with_name(f".tmp-replaced-{final.name}-{os.getpid()}")
@@ -247,8 +318,11 @@ def save_checkpoint(
     method: Method,
     progress: Progress,
     keep: int,
+    record: SaveRecord | None = None,
 ) -> Path:
     """Save the full resumable state at `progress.step`, atomically (every process must call this).
+
+    `record` (main process; None on the others) adds ``config.yaml`` and the manifest's health and split digests.
 
     Returns:
         The complete checkpoint directory ``<run>/state/step-<step:08d>``.
@@ -271,8 +345,8 @@ def save_checkpoint(
 
     phases: list[Callable[[], None]] = [
         fresh if main else lambda: None,
-        lambda: _write_state(accelerator, tmp, method, progress),
-        (lambda: _commit(tmp, final)) if main else lambda: None,
+        lambda: _write_state(accelerator, tmp, method, progress, record),
+        (lambda: _commit(tmp, final, _manifest_extra(progress, record))) if main else lambda: None,
     ]
     for phase in phases:
         error: BaseException | None = None
@@ -376,13 +450,20 @@ def load_checkpoint(accelerator: Accelerator, path: Path, method: Method, progre
 
 
 def resume_checkpoint(
-    accelerator: Accelerator, run_dir: Path, resume: str, method: Method, progress: Progress
+    accelerator: Accelerator,
+    run_dir: Path,
+    resume: str,
+    method: Method,
+    progress: Progress,
+    check: Callable[[Path], None] | None = None,
 ) -> Path | None:
     """Resolve ``--resume`` (see `find_checkpoint`), verify and load it; every process must call this.
 
     With "auto" (or a run directory), a checkpoint that fails to verify or load is skipped for the next newest,
     and a warning names it and the reason; one that failed its manifest check is moved aside to
-    ``state/damaged-<name>``. A checkpoint directory given explicitly is never skipped.
+    ``state/damaged-<name>``. A checkpoint directory given explicitly is never skipped. `check` is called with a
+    verified checkpoint before it is loaded; its TrainingError (another experiment's config) stops the resume at
+    once instead of skipping to an older checkpoint.
 
     Returns:
         The checkpoint loaded, or None when "auto" finds none (a fresh start).
@@ -406,6 +487,8 @@ def resume_checkpoint(
             verify_checkpoint(path)
         except TrainingError as err:
             error, damaged = err, True
+        if error is None and check is not None:
+            check(path)
         if error is None:
             try:
                 load_checkpoint(accelerator, path, method, progress)
@@ -426,3 +509,96 @@ def resume_checkpoint(
     if skipped:
         raise TrainingError("--resume: no checkpoint loads; " + "; ".join(skipped))
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Health (divergence) and the config a checkpoint was saved with
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads((path / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _health(path: Path) -> tuple[bool | None, str]:
+    """(healthy, why) of a checkpoint from its manifest; healthy is None when it has no health record."""
+    health = _manifest(path).get("health")
+    if not isinstance(health, dict):
+        return None, "no health record"
+    loss, step, lowest = health.get("loss"), health.get("loss_step"), health.get("lowest_loss")
+    peak = health.get("max_abs_weight")
+    if not health.get("weights_finite", False):
+        return False, "non-finite weights"
+    weights = f"max |weight| {peak:.3g}" if isinstance(peak, (int, float)) else "weights finite"
+    if loss is None:
+        return True, f"{weights}, no loss logged yet"
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return False, f"{weights}, logged loss {loss} at iteration {step}"
+    limit = EXPLODING_FACTOR * max(lowest if isinstance(lowest, (int, float)) else loss, LOSS_FLOOR)
+    if loss > limit:
+        return False, f"{weights}, loss {loss:.3g} at iteration {step} > {EXPLODING_FACTOR:g} x the run's lowest " \
+                      f"{lowest:.3g}: exploding"  # fmt: skip
+    return True, f"{weights}, loss {loss:.3g} at iteration {step}"
+
+
+def health_report(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest healthy checkpoint of a run (None if none is), and one line per checkpoint present, newest first
+    (its name, then whether it is healthy and why)."""
+    good: Path | None = None
+    lines = []
+    for path in _candidates(run_dir):
+        healthy, why = _health(path)
+        if healthy is True and good is None:
+            good = path
+        verdict = {True: "healthy", False: "diverged", None: "unknown"}[healthy]
+        lines.append(f"{path.name} ({verdict}: {why})")
+    return good, lines
+
+
+def _flatten(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(raw, dict) and raw:
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: raw}
+
+
+def _normalised(text: str, where: str) -> dict[str, Any]:
+    """A resolved config YAML as dotted keys, with the defaults of this version filled in where it still loads."""
+    raw = yaml.safe_load(text)
+    try:
+        raw = to_dict(from_dict(TrainConfig, raw, where))
+    except ConfigError:  # written by another version: compare what is there
+        pass
+    return _flatten(raw)
+
+
+def config_changes(path: Path, config_yaml: str, split_sha256: dict[str, str]) -> dict[str, tuple[Any, Any]]:
+    """The keys whose value differs between the config checkpoint `path` was saved with and `config_yaml`, apart
+    from `RESUMABLE_KEYS`, as {dotted key: (saved, new)}; the split lists' contents count as ``split_sha256.<name>``.
+
+    A checkpoint without its own ``config.yaml`` (saved before they were kept) is compared with its run folder's.
+    """
+    saved_file = path / _CONFIG if (path / _CONFIG).is_file() else path.parent.parent / _CONFIG
+    if not saved_file.is_file():
+        log.warning(f"resume: {path} records no config; cannot check that the experiment is unchanged")
+        return {}
+    try:
+        old = _normalised(saved_file.read_text(encoding="utf-8"), str(saved_file))
+    except (OSError, yaml.YAMLError) as err:
+        raise TrainingError(f"{saved_file}: unreadable ({err}); cannot check the experiment is unchanged") from err
+    new = _normalised(config_yaml, "the new config")
+    saved_splits = _manifest(path).get("split_sha256")
+    if isinstance(saved_splits, dict):
+        old.update({f"split_sha256.{k}": v for k, v in saved_splits.items()})
+        new.update({f"split_sha256.{k}": v for k, v in split_sha256.items()})
+    absent = "(absent)"
+    return {
+        key: (old.get(key, absent), new.get(key, absent))
+        for key in sorted(old.keys() | new.keys())
+        if key not in RESUMABLE_KEYS and old.get(key, absent) != new.get(key, absent)
+    }

@@ -73,6 +73,11 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
         "--resume", default=None, metavar="auto|PATH",
         help="'auto': continue from <run>/state/latest if present; PATH: a checkpoint or run directory",
     )  # fmt: skip
+    parser.add_argument(
+        "--allow-config-change", action="store_true",
+        help="with --resume: continue although the config differs from the checkpoint's in keys that change the "
+        "experiment (batch size, seed, method, splits, model, ...); the differences are recorded in run.json",
+    )  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=None, help="run folder (overrides run.output_dir)")
     return parser
 
@@ -140,7 +145,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
     stages.propagate = False
     try:
         with logging_redirect_tqdm(loggers=[stages]):
-            train(cfg, resume=args.resume)
+            train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     finally:
         stages.removeHandler(handler)
     return 0

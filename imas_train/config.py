@@ -76,6 +76,7 @@ class DataConfig:
     mask_suffix: str = ".png"
     ignore_values: tuple[int, ...] = ()  # folder datasets: raw mask values mapped to the ignore label
     value_remap: dict[int, int] | None = None  # folder datasets: raw mask value -> class index
+    exif_orientation: bool = True  # turn images as viewers do (EXIF tag), like imas-infer; labels: imas_core.images
     num_workers: int = 2
     demo: DemoConfig = field(default_factory=DemoConfig)
 

@@ -2,6 +2,10 @@
 
 A second training into a folder in use is refused, naming the holder's PID and host; the kernel releases the lock
 when its holder exits however it exits, so a crashed run never leaves the folder locked.
+
+Once the lock is held, no other process can be writing into the folder, so the temporaries of atomic writes that a
+killed run left behind (``.teacher.safetensors.<random>.tmp``, ``.best.json.<random>.tmp`` and the like, in the run
+folder and in ``easiness/``; `imas_core.atomic.stale_temporaries`) are removed. Nothing else is touched.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -18,11 +23,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from imas_core.atomic import stale_temporaries
 from imas_core.errors import TrainingError
 
-__all__ = ["RunLock", "any_process", "check_writable", "claim_run_folder"]
+__all__ = ["RunLock", "any_process", "check_writable", "claim_run_folder", "remove_stale_temporaries"]
 
 _LOCK_FILE = ".lock"
+_TEMPORARY_FOLDERS = (".", "easiness")  # where the run's atomic writes go (state/ cleans its own .tmp-* saves)
+log = logging.getLogger(__name__)
 
 
 def check_writable(folder: Path) -> None:
@@ -96,6 +104,23 @@ class RunLock:
             return f"its details are not in {self.path} yet"
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the atomic-write temporaries a killed run left in `run_dir` and its ``easiness/`` folder (call it only
+    while holding the run lock); returns what was removed."""
+    removed = []
+    for folder in _TEMPORARY_FOLDERS:
+        for path in stale_temporaries(run_dir / folder):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    if removed:
+        log.info(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
+                 f"{', '.join(p.name for p in removed)}")  # fmt: skip
+    return removed
+
+
 def any_process(accelerator: Accelerator, flag: bool) -> bool:
     """True on every process when `flag` is True on any one: a collective, so every process must call it."""
     if accelerator.num_processes == 1:
@@ -106,6 +131,7 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 def claim_run_folder(accelerator: Accelerator, run_dir: Path) -> RunLock:
     """Check that the run folder is writable and lock it (main process); every process stops if either fails.
+    Then the stale temporaries of the folder are removed (`remove_stale_temporaries`).
 
     Raises:
         TrainingError: the folder is not writable or another run holds it (named by PID and host).
@@ -116,8 +142,11 @@ def claim_run_folder(accelerator: Accelerator, run_dir: Path) -> RunLock:
         try:
             check_writable(run_dir)
             lock.acquire()
+            remove_stale_temporaries(run_dir)  # no live writer can own them now
         except TrainingError as err:
             error = err
+        except OSError as err:  # a temporary that cannot be removed (permissions): the run still may proceed
+            log.warning(f"cannot remove stale temporaries in {run_dir}: {err}")
     if any_process(accelerator, error is not None):
         lock.release()
         raise error or TrainingError(f"the main process could not take the run folder {run_dir} (see its error)")

@@ -17,7 +17,11 @@ state, the exported model) comes from the `Method` chosen by ``cfg.method`` (`im
   optimizers and the teachers move on sync steps only, and mid-epoch checkpoints are taken on sync steps.
 * A step's random draws come from a generator seeded from (seed, rank, iteration): a resumed run repeats them.
 * One run per folder: the main process locks ``<run>/.lock`` (after checking the folder is writable) before
-  anything is written, and holds the lock until `train` returns (`run_folder.RunLock`).
+  anything is written, and holds the lock until `train` returns (`run_folder.RunLock`); then it removes the
+  temporaries that a killed atomic write left in the folder.
+* Each checkpoint records the run's config and its health (finite weights, logged loss; `checkpoint`): a resume
+  with another experiment is refused before anything is loaded unless ``allow_config_change``, and a non-finite
+  loss names the newest healthy checkpoint, not merely the latest.
 * SIGTERM and SIGUSR1 (Slurm preemption, ``docker stop``, Kubernetes) only set a flag (`StopSignals`). After each
   iteration that ends an optimizer step, the processes agree on it (a gather), so every rank stops after the same
   iteration: a checkpoint is written and `TrainingStopped` raised (exit 143 or 138). A stop right after an
@@ -50,7 +54,16 @@ from imas_core.atomic import atomic_write_json, atomic_write_text
 from imas_core.errors import TrainingError, TrainingStopped
 from imas_core.scores import format_iou_table
 from imas_train.augment import normalise_images
-from imas_train.checkpoint import IMAGE_COLUMNS, Progress, resume_checkpoint, save_checkpoint
+from imas_train.checkpoint import (
+    IMAGE_COLUMNS,
+    RESUMABLE_KEYS,
+    Progress,
+    SaveRecord,
+    config_changes,
+    health_report,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from imas_train.config import TrainConfig, dump_config
 from imas_train.data import Datasets, build_datasets, iters_per_epoch, make_train_loader, make_val_loader
 from imas_train.evaluate import EvalResult, evaluate
@@ -97,7 +110,7 @@ class TrainingSetup:
     stop: int  # the iteration this run ends at (optim.max_iters)
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: str | None = None, allow_config_change: bool = False) -> TrainResult:
     """Train, evaluate and write the artifact; every process of a launch calls this.
 
     Args:
@@ -105,6 +118,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
         resume: None = start fresh; "auto" = continue from ``<run>/state/latest`` when it exists (else start fresh),
             falling back to the newest checkpoint that loads when it is damaged (`checkpoint.resume_checkpoint`);
             a path = that checkpoint directory (or a run folder, then as "auto" inside it).
+        allow_config_change: resume even though `cfg` differs from the checkpoint's config in keys that change the
+            experiment (batch size, seed, method, split lists, model, ...); the differences go to ``run.json``.
+            Without it such a resume is refused (`checkpoint.config_changes`; `checkpoint.RESUMABLE_KEYS` may
+            always change).
 
     Returns:
         The final artifact's path and scores. Files: ``<run>/{teacher,best}.safetensors`` + ``.json``,
@@ -112,9 +129,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
         ``tensorboard/``.
 
     Raises:
-        TrainingError: a non-finite loss (nothing is saved for that iteration), an unusable checkpoint, a run
-            folder that is not writable or is in use by another run, a checkpoint that cannot be saved, or a
-            launch whose processes Accelerate cannot see.
+        TrainingError: a non-finite loss (nothing is saved for that iteration; the message names the newest
+            healthy checkpoint and lists the others), an unusable checkpoint, a resume with another experiment's
+            config, a run folder that is not writable or is in use by another run, a checkpoint that cannot be
+            saved, or a launch whose processes Accelerate cannot see.
         TrainingStopped: SIGTERM or SIGUSR1 arrived; the run stopped after a checkpoint (resume it).
         ConfigError, DataError, WeightsError: bad settings or data.
     """
@@ -132,13 +150,18 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
     lock = claim_run_folder(accelerator, run_dir)
     try:
         with StopSignals() as stop:
-            return _run(cfg, accelerator, run_dir, resume, stop)
+            return _run(cfg, accelerator, run_dir, resume, stop, allow_config_change)
     finally:
         lock.release()
 
 
 def _run(
-    cfg: TrainConfig, accelerator: Accelerator, run_dir: Path, resume: str | None, stop: StopSignals
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run_dir: Path,
+    resume: str | None,
+    stop: StopSignals,
+    allow_config_change: bool,
 ) -> TrainResult:
     """The body of `train`, in a run folder this process holds (main process) and with the stop signals installed."""
     log.info(f"config: method {cfg.method}, dataset {cfg.data.dataset}, run {run_dir}")
@@ -148,14 +171,19 @@ def _run(
 
     # ---- resume: Accelerate state (networks, optimizers) + the method's state + progress (imas_train.checkpoint)
     progress = Progress()
-    ckpt = resume_checkpoint(accelerator, run_dir, resume, method, progress) if resume else None
+    changes: dict[str, tuple[Any, Any]] = {}
+
+    def same_experiment(path: Path) -> None:  # before a checkpoint is loaded
+        changes.update(_config_changes(path, cfg, setup, allow_config_change))
+
+    ckpt = resume_checkpoint(accelerator, run_dir, resume, method, progress, same_experiment) if resume else None
     if ckpt is not None:
         log.info(f"resume: {ckpt} (iteration {progress.step}, epoch {progress.step // setup.iters})")
     elif resume:
         log.info("resume: no checkpoint found, starting from scratch")
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        atomic_write_json(run_dir / "run.json", _run_info(accelerator, ckpt))
+        atomic_write_json(run_dir / "run.json", _run_info(accelerator, ckpt, changes))
     accelerator.init_trackers("tensorboard")
     accelerator.log({"config": dump_config(cfg)}, step=progress.step)
 
@@ -206,6 +234,8 @@ def _run(
                 bar.update(1)
                 if progress.step % cfg.run.log_every == 0 or progress.step == epoch_end:
                     scalars = meters.flush(lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
+                    if "loss" in scalars:  # the checkpoints' health record (the same on every process)
+                        progress.note_loss(scalars["loss"], progress.step)
                     for i, optimizer in enumerate(setup.optimizers):
                         suffix = f"_{i}" if len(setup.optimizers) > 1 else ""
                         scalars.update({f"lr_{g['name']}{suffix}": g["lr"] for g in optimizer.param_groups})
@@ -217,11 +247,11 @@ def _run(
                 # checkpoint mid-epoch (the epoch end saves below)
                 saved = None
                 if accelerator.sync_gradients and progress.step % cfg.run.checkpoint_every == 0 and it + 1 < epoch_end:
-                    saved = _checkpoint(accelerator, run_dir, method, progress, cfg, time.time() - session_start)
+                    saved = _checkpoint(accelerator, run_dir, method, progress, cfg, setup, time.time() - session_start)
                 # stop on SIGTERM / SIGUSR1: every process after the same optimizer step, with a checkpoint
                 if accelerator.sync_gradients and (signal_name := stop.agreed(accelerator)) is not None:
                     progress.epoch_end_pending = progress.step == epoch_end
-                    saved = saved or _checkpoint(accelerator, run_dir, method, progress, cfg,
+                    saved = saved or _checkpoint(accelerator, run_dir, method, progress, cfg, setup,
                                                  time.time() - session_start)  # fmt: skip
                     raise TrainingStopped(f"stopped by {signal_name} after iteration {progress.step}; checkpoint "
                                           f"{saved}; continue with --resume auto", signal_name)  # fmt: skip
@@ -231,19 +261,22 @@ def _run(
             if csv is not None and cfg.run.easiness_csv and accelerator.is_main_process:
                 atomic_write_text(run_dir / "easiness" / f"epoch_{epoch:03d}.csv", csv)
             if (epoch + 1) % cfg.eval.every_epochs == 0 or progress.step >= setup.stop:
-                last_eval = _evaluate_and_record(accelerator, cfg, method, setup, progress, epoch)
+                last_eval = _evaluate_and_record(accelerator, cfg, method, setup, progress, epoch,
+                                                 session_start=session_start)  # fmt: skip
             if progress.step == (epoch + 1) * setup.iters:
                 progress.start_epoch(epoch + 1)
-            _checkpoint(accelerator, run_dir, method, progress, cfg, time.time() - session_start)
+            _checkpoint(accelerator, run_dir, method, progress, cfg, setup, time.time() - session_start)
         bar.close()
         # ---- final artifact: what the method exports (the EMA teacher for iMAS, the student for 'supervised')
         if last_eval is None:  # resumed after the last checkpoint of a finished run
             last_eval = _evaluate_and_record(accelerator, cfg, method, setup, progress,
-                                             (progress.step - 1) // setup.iters, record=False)  # fmt: skip
+                                             (progress.step - 1) // setup.iters, session_start=session_start,
+                                             record=False)  # fmt: skip
         progress.wall_time += time.time() - session_start
         teacher_path = run_dir / "teacher.safetensors"
         if accelerator.is_main_process:
-            _save_artifact(teacher_path, accelerator, cfg, method, setup, progress, miou=last_eval.miou)
+            _save_artifact(teacher_path, accelerator, cfg, method, setup, progress, miou=last_eval.miou,
+                           wall_time=progress.wall_time)  # fmt: skip
             best = (
                 "n/a"
                 if progress.best_miou is None
@@ -363,7 +396,11 @@ def _gather_rows(accelerator: Accelerator, rows: Tensor) -> Tensor:
 
 
 def _check_finite(result: StepResult, it: int, accelerator: Accelerator, run_dir: Path) -> None:
-    """Stop every process with TrainingError if any process has a non-finite loss term (before backward)."""
+    """Stop every process with TrainingError if any process has a non-finite loss term (before backward).
+
+    The error names the newest healthy checkpoint (finite weights, loss not exploding: `checkpoint.health_report`),
+    not merely the latest, whose weights may already have diverged, and lists every checkpoint with its state.
+    """
     terms = {"loss": result.loss.detach().float()}
     terms.update({k: v.detach().float() for k, v in result.logs.items() if k.startswith("loss") and k != "loss"})
     bad = (~torch.isfinite(torch.stack(list(terms.values())))).any().float()
@@ -371,10 +408,15 @@ def _check_finite(result: StepResult, it: int, accelerator: Accelerator, run_dir
         bad = accelerator.reduce(bad, reduction="sum")
     if bad.item() > 0:
         values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-        latest = run_dir / "state" / "latest"
-        last = latest.read_text().strip() if latest.is_file() else "none"
-        raise TrainingError(f"non-finite loss at iteration {it}: {values} (this process); stopped without saving. "
-                            f"Last good checkpoint: {last}; lower optim.lr or check the data")  # fmt: skip
+        good, checkpoints = health_report(run_dir)
+        if good is None:
+            advice = "no checkpoint is healthy; lower optim.lr and start again, or check the data"
+        else:
+            advice = (f"last good checkpoint: {good}; resume from it with --resume {good} (a lower optim.lr also "
+                      "needs --allow-config-change), or check the data")  # fmt: skip
+        present = "; ".join(checkpoints) if checkpoints else "none"
+        raise TrainingError(f"non-finite loss at iteration {it}: {values} (this process); stopped without saving; "
+                            f"{advice}. Checkpoints, newest first: {present}")  # fmt: skip
 
 
 def _gather_images(accelerator: Accelerator, progress: Progress, result: StepResult) -> None:
@@ -393,6 +435,7 @@ def _evaluate_and_record(
     progress: Progress,
     epoch: int,
     *,
+    session_start: float,
     record: bool = True,
 ) -> EvalResult:
     """Score the method's eval models; record, log and keep the best model (main process writes); one line."""
@@ -412,8 +455,9 @@ def _evaluate_and_record(
     if accelerator.is_main_process:
         run_dir = Path(cfg.run.output_dir)
         if improved:
+            elapsed = progress.wall_time + time.time() - session_start  # the run's training time so far
             _save_artifact(run_dir / "best.safetensors", accelerator, cfg, method, setup, progress, miou=result.miou,
-                           epoch=epoch)  # fmt: skip
+                           wall_time=elapsed, epoch=epoch)  # fmt: skip
         plot_miou(progress.history, run_dir / "miou.png")
         if progress.history["epoch"]:
             plot_easiness(progress.history, run_dir / "easiness.png")
@@ -432,9 +476,11 @@ def _save_artifact(
     progress: Progress,
     *,
     miou: float,
+    wall_time: float,
     epoch: int | None = None,
 ) -> None:
-    """Write the method's artifact model to `path` (+ sidecar); main process only."""
+    """Write the method's artifact model to `path` (+ sidecar); main process only. `wall_time`: the run's training
+    seconds up to now, over every session."""
     what, model = method.artifact(setup.networks)
     h = progress.history
     summary = {
@@ -442,7 +488,7 @@ def _save_artifact(
         "artifact_model": what,
         "iterations": progress.step,
         "iters_per_epoch": setup.iters,
-        "wall_time_s": round(progress.wall_time, 1),
+        "wall_time_s": round(wall_time, 1),
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "device": accelerator.device.type,
@@ -466,18 +512,68 @@ def _save_artifact(
 
 
 def _checkpoint(
-    accelerator: Accelerator, run_dir: Path, method: Method, progress: Progress, cfg: TrainConfig, dt: float
+    accelerator: Accelerator,
+    run_dir: Path,
+    method: Method,
+    progress: Progress,
+    cfg: TrainConfig,
+    setup: TrainingSetup,
+    dt: float,
 ) -> Path:
+    record = None
+    if accelerator.is_main_process:
+        finite, peak = _weights_health(setup.networks, method)
+        record = SaveRecord(dump_config(cfg), setup.data.split_sha256, finite, peak)
     wall, progress.wall_time = progress.wall_time, progress.wall_time + dt  # saved with the session's time so far
     try:
-        path = save_checkpoint(accelerator, run_dir, method, progress, cfg.run.keep_checkpoints)
+        path = save_checkpoint(accelerator, run_dir, method, progress, cfg.run.keep_checkpoints, record)
     finally:
         progress.wall_time = wall
     log.info(f"checkpoint: {path} (iteration {progress.step})")
     return path
 
 
-def _run_info(accelerator: Accelerator, resumed_from: Path | None) -> dict[str, Any]:
+def _weights_health(networks: dict[str, nn.Module], method: Method) -> tuple[bool, float | None]:
+    """(every floating-point weight and buffer of the networks and the method's state is finite, the largest
+    absolute value or None when one is not); one device-to-host transfer."""
+    tensors = [t for model in networks.values() for t in model.state_dict().values()]
+    tensors += list(method.state_tensors().values())
+    peaks = [  # max |t| as one reduction (no |t| copy of large buffers such as memory banks); NaN propagates
+        torch.linalg.vector_norm(t.detach(), float("inf")).float()
+        for t in tensors
+        if t.is_floating_point() and t.numel()
+    ]
+    if not peaks:
+        return True, None
+    values = torch.stack([p.to(peaks[0].device) for p in peaks])
+    finite = bool(torch.isfinite(values).all())
+    return finite, (float(values.max()) if finite else None)
+
+
+def _config_changes(path: Path, cfg: TrainConfig, setup: TrainingSetup, allow: bool) -> dict[str, tuple[Any, Any]]:
+    """The experiment keys that differ from checkpoint `path`'s; TrainingError naming them unless `allow`."""
+    changes = config_changes(path, dump_config(cfg), setup.data.split_sha256)
+    if not changes:
+        return changes
+    listed = ", ".join(f"{key}: {_short(old)} -> {_short(new)}" for key, (old, new) in changes.items())
+    if not allow:
+        raise TrainingError(
+            f"--resume: {path} was saved with another experiment ({listed}); resume with the run's own config "
+            f"(keys that may change: {', '.join(sorted(RESUMABLE_KEYS))}), or pass --allow-config-change to "
+            "resume anyway (the differences are recorded in run.json)"
+        )
+    log.warning(f"resume: config changed with --allow-config-change ({listed}); recorded in run.json")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _run_info(
+    accelerator: Accelerator, resumed_from: Path | None, config_changes: dict[str, tuple[Any, Any]]
+) -> dict[str, Any]:
     return {
         "imas": imas_core.__version__,
         "python": platform.python_version(),
@@ -490,5 +586,6 @@ def _run_info(accelerator: Accelerator, resumed_from: Path | None) -> dict[str, 
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
         "resumed_from": str(resumed_from) if resumed_from else None,
+        "config_changes_on_resume": {key: list(pair) for key, pair in config_changes.items()},  # {key: [saved, new]}
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

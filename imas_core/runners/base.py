@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from imas_core.artifacts import ExportedModelMeta
+from imas_core.errors import ArtifactError
 from imas_core.stitching import NumpyStitcher, Stitcher
 from imas_core.tiling import plan_windows
 
@@ -80,6 +81,23 @@ def info_from_exported(path: Path, meta: ExportedModelMeta, fmt: str) -> ModelIn
         image_size=image_size,
         windows_in_graph=windows,
     )
+
+
+def check_class_count(sidecar: Path, sidecar_classes: int, model_classes: int, source: str) -> None:
+    """Refuse a sidecar whose class count differs from what the model itself says (`source`, e.g. "the graph of
+    m.onnx outputs").
+
+    A sidecar can be consistent with itself (num_classes, class names and palette agree) and still belong to
+    another model; without this check the run fails later inside the runtime, far from the cause.
+
+    Raises:
+        ArtifactError: naming the sidecar file, the model file (in `source`) and both numbers.
+    """
+    if sidecar_classes != model_classes:
+        raise ArtifactError(
+            f"{sidecar}: the sidecar says {sidecar_classes} classes, but {source} {model_classes}; the sidecar "
+            "belongs to another model (restore the matching sidecar or re-export)"
+        )
 
 
 class Backend(abc.ABC):

@@ -10,15 +10,16 @@ Sessions use ORT_ENABLE_ALL graph optimisation; `threads` sets the intra-op thre
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imas_core.artifacts import ExportedModelMeta
+from imas_core.artifacts import ExportedModelMeta, sidecar_path
 from imas_core.errors import ArtifactError, InferError, RuntimeUnavailable
-from imas_core.runners.base import Backend, ModelInfo, info_from_exported
+from imas_core.runners.base import Backend, ModelInfo, check_class_count, info_from_exported
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ _PROVIDERS = {
     "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+_METADATA_NUM_CLASSES = "imas.num_classes"  # written by imas-export into the ONNX's metadata_props (JSON)
 _ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -114,6 +116,7 @@ class OrtBackend(Backend):
         if in_type is None or np.dtype(in_type) != np.dtype(meta.input_dtype):
             raise ArtifactError(f"{path}: graph input type {self._input.type}, sidecar input_dtype {meta.input_dtype}")
         self._out_dtype = np.dtype(_ORT_TYPES.get(self._output.type, np.float32))
+        self._check_class_count(meta)
         shape = self._input.shape
         if len(shape) != 4 or shape[1] != 3:
             raise ArtifactError(f"{path}: graph input shape {shape}, expected (N, 3, H, W)")
@@ -126,6 +129,22 @@ class OrtBackend(Backend):
             self.info = _with_hard_batch(self.info, shape[0])
         else:
             self.fixed_batch = None
+
+    def _check_class_count(self, meta: ExportedModelMeta) -> None:
+        """The sidecar's class count against the output's class dimension when it is static, and against the
+        ``imas.num_classes`` the exporter records inside the ONNX (torch's exporter leaves the class dimension of a
+        window model symbolic, so the metadata is what a bare graph says about its classes)."""
+        sidecar, name = sidecar_path(self.info.path), self.info.path.name
+        shape = self._output.shape
+        if meta.output_kind != "labels" and len(shape) == 4 and isinstance(shape[1], int):
+            check_class_count(sidecar, meta.num_classes, shape[1], f"the graph of {name} outputs")
+        recorded = self.session.get_modelmeta().custom_metadata_map.get(_METADATA_NUM_CLASSES)
+        try:
+            recorded_classes = json.loads(recorded) if recorded is not None else None
+        except ValueError:
+            recorded_classes = None
+        if isinstance(recorded_classes, int):
+            check_class_count(sidecar, meta.num_classes, recorded_classes, f"the metadata inside {name} records")
 
     def _keep(self, shape: tuple[int, ...], buffer: Any) -> None:
         """Cache an output buffer per shape; a few shapes at most (the imas protocol has four tile shapes)."""

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from imas_core.artifacts import ExportedModelMeta
+from imas_core.artifacts import ExportedModelMeta, sidecar_path
 from imas_core.errors import ArtifactError, InferError
-from imas_core.runners.base import Backend, info_from_exported
+from imas_core.runners.base import Backend, check_class_count, info_from_exported
 from imas_core.runtime import import_cudart, import_tensorrt, parse_compute_capability, parse_version
 
 TENSORRT_ADVICE = (
@@ -177,6 +177,11 @@ class TensorRTBackend(Backend):
         if (tuple(meta.input_size) if meta.input_size else None) != static_hw:
             field = "image_size (stitched)" if meta.stitched else "window"
             raise ArtifactError(f"{path.name}: engine input {shape}, sidecar {field} {meta.input_size}")
+        out_shape = tuple(e.get_tensor_shape(self._out))
+        if meta.output_kind != "labels" and len(out_shape) == 4 and out_shape[1] != -1:
+            check_class_count(
+                sidecar_path(path), meta.num_classes, int(out_shape[1]), f"the engine {path.name} outputs"
+            )
         self._min_shape, self._max_shape = lo, hi
         self.fixed_batch = shape[0] if shape[0] != -1 else None
         info = info_from_exported(path, meta, "tensorrt")

@@ -5,17 +5,25 @@ torch itself is imported inside the constructor. The model accepts any window si
 whole-image mode work. Stitching happens where the model runs: on a GPU in device tensors (`TorchStitcher`: window
 results are softmaxed and accumulated there, and only the class ids and probabilities are copied back); on the CPU
 with `NumpyStitcher`, measured 2.5x faster there.
+
+Before the model is built, the class count of ``teacher.json`` is compared with the classifier's output channels
+in ``teacher.safetensors`` (read from the file's JSON header, no tensor loaded): a sidecar of another model is
+refused naming both numbers, instead of as a list of shape mismatches.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imas_core.errors import InferError
-from imas_core.runners.base import Backend, ModelInfo
+from imas_core.artifacts import read_teacher_meta, teacher_sidecar_path
+from imas_core.errors import ArtifactError, InferError
+from imas_core.runners.base import Backend, ModelInfo, check_class_count
 from imas_core.stitching import NumpyStitcher, Stitcher
 from imas_core.tiling import Window
 
@@ -29,6 +37,29 @@ def _import_torch() -> Any:
             "ONNX to run without it"
         ) from err
     return torch
+
+
+_CLASSIFIER_BIAS = re.compile(r"classifier\.(\d+)\.bias")  # DeepLabV3Plus.classifier ends in the class convolution
+
+
+def weights_num_classes(weights_path: Path) -> int | None:
+    """The classes a teacher's weights output: the length of the classifier's last bias, from the safetensors
+    header (8-byte little-endian length, then JSON); None when the file has no such tensor.
+
+    Raises:
+        ArtifactError: the file is not a readable safetensors file.
+    """
+    try:
+        with open(weights_path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(min(length, 100_000_000)))
+    except (OSError, struct.error, ValueError) as err:
+        raise ArtifactError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    found = [(int(m.group(1)), entry) for key, entry in header.items() if (m := _CLASSIFIER_BIAS.fullmatch(key))]
+    if not found:
+        return None
+    shape = max(found, key=lambda item: item[0])[1].get("shape", [])
+    return int(shape[0]) if len(shape) == 1 else None
 
 
 class TorchStitcher:
@@ -78,6 +109,12 @@ class TorchBackend(Backend):
 
         if threads is not None:
             torch.set_num_threads(threads)
+        weights_path = Path(weights_path)
+        sidecar_classes = int(read_teacher_meta(weights_path, verify_checksum=False).model_config["num_classes"])
+        weights_classes = weights_num_classes(weights_path)
+        if weights_classes is not None:
+            check_class_count(teacher_sidecar_path(weights_path), sidecar_classes, weights_classes,
+                              f"the classifier in {weights_path.name} outputs")  # fmt: skip
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, meta = load_teacher(Path(weights_path), self.device)
         num_classes = int(meta.model_config["num_classes"])

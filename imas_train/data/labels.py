@@ -1,4 +1,4 @@
-"""Decoding images and label maps. Labels are read as RAW indices and mapped through a 256-entry table.
+"""Decoding label maps. Labels are read as RAW indices and mapped through a 256-entry table.
 
 A label PNG must be single-channel: mode L (grey) or P (palette), or 1 (binary). `np.array` on a palette image
 returns its indices; `convert("L")` would turn palette colours into luminance and corrupt every label
@@ -86,17 +86,6 @@ def folder_rule(
     accepted = [v for v in range(256) if table[v] != INVALID]
     hint = f"accepted raw values are {accepted}; extend data.value_remap or data.ignore_values"
     return LabelRule("folder", table, hint)
-
-
-def read_image(path: Path | str) -> np.ndarray:
-    """Decode an image fully with Pillow as RGB uint8 (H, W, 3)."""
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: image not found") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot decode image ({err})") from err
 
 
 def label_mode_message(mode: str) -> str:

@@ -3,10 +3,14 @@
 A `Sample` names the image, the label (or None) and the `LabelRule` that decodes it. `FileSource` is the
 file-backed implementation of the source interface the datasets read from (`demo.DemoSource` is the other).
 
-Images are decoded by `decode_rgb`: 16-bit images are scaled to 8 bits by keeping the high byte (value >> 8), the
-rule Pillow itself applies to 16-bit RGB PNGs, so 16-bit greyscale and 16-bit colour files map alike; the first
-16-bit image a process reads is logged once. Nothing is clipped: 32-bit integer images beyond 16 bits and
-floating-point images are refused with the file named. `imas_infer.image_io.decode_rgb` applies the same rule.
+Images are decoded by `decode_rgb`, through the decoder inference and export use too (`imas_core.images`): 16-bit
+images are scaled to 8 bits by keeping the high byte (value >> 8), the rule Pillow itself applies to 16-bit RGB PNGs,
+so 16-bit greyscale and 16-bit colour files map alike; the first 16-bit image a process reads is logged once.
+Nothing is clipped: 32-bit integer images beyond 16 bits and floating-point images are refused with the file named.
+
+EXIF orientation (``data.exif_orientation``, default true): an image is turned as a viewer shows it, and its label
+is turned with it only if the image had an orientation tag and the label has the image's stored (unturned) size,
+i.e. the mask was drawn on the stored pixels; otherwise the label is used as it is and must match the turned image.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from imas_core import images
 from imas_core.errors import DataError
+from imas_core.images import DecodedImage, orient_label
 from imas_train.config import DataConfig
 from imas_train.data.labels import (
     LabelRule,
@@ -34,52 +40,35 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _CITY_IMAGE_SUFFIX = "_leftImg8bit.png"
-WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # Pillow's 16-bit greyscale modes, and 32-bit integer
 _noted_16bit = False  # the first 16-bit image of this process has been logged
 
 
-def _packed_16bit(img: Image.Image) -> bool:
-    """True for a file Pillow unpacks from 16 bits per channel into an 8-bit mode (16-bit RGB(A) PNGs)."""
-    return any(isinstance(tile[3], str) and ";16" in tile[3] for tile in img.tile)
-
-
-def decode_rgb(path: Path | str) -> tuple[np.ndarray, int]:
-    """Decode an image fully as RGB uint8 (H, W, 3); also return its bits per channel on file (8 or 16).
-
-    16-bit values v become v >> 8 (Pillow does this itself for 16-bit RGB(A) PNGs; its ``convert("RGB")`` would
-    clip 16-bit greyscale at 255 instead, so that mode is scaled here).
+def decode_rgb(path: Path | str, *, exif_orientation: bool = True) -> DecodedImage:
+    """Decode an image fully as RGB uint8 (H, W, 3) with `imas_core.images.decode_rgb` (16-bit values v become
+    v >> 8; the EXIF orientation applied when `exif_orientation`), with its bits, orientation and stored size.
 
     Raises:
         DataError: the file is missing or undecodable, a 32-bit integer image has values beyond 0..65535, or the
             image holds floating-point values (mode F: no known range).
     """
     try:
-        with Image.open(path) as img:
-            bits = 16 if img.mode in WIDE_GREY_MODES or _packed_16bit(img) else 8
-            img.load()
-            if img.mode in WIDE_GREY_MODES:
-                values = np.asarray(img)
-                if values.size and (values.min() < 0 or values.max() > 65535):
-                    raise DataError(f"{path}: {img.mode} image with values outside 0..65535; save it with 8 or 16 bits")
-                grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=2), bits
-            if img.mode == "F":
-                raise DataError(f"{path}: floating-point image (mode F) has no known value range; save it as 8 bits")
-            return np.array(img.convert("RGB")), bits
+        return images.decode_rgb(path, exif_orientation=exif_orientation)
     except FileNotFoundError as err:
         raise DataError(f"{path}: image not found") from err
+    except images.UnknownRange as err:
+        raise DataError(f"{path}: {err}") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot decode image ({err})") from err
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """`decode_rgb`'s image; the first 16-bit image of this process is logged (once per process)."""
+def read_image(path: Path | str, *, exif_orientation: bool = True) -> DecodedImage:
+    """`decode_rgb`; the first 16-bit image of this process is logged (once per process)."""
     global _noted_16bit
-    image, bits = decode_rgb(path)
-    if bits == 16 and not _noted_16bit:
+    decoded = decode_rgb(path, exif_orientation=exif_orientation)
+    if decoded.bits == 16 and not _noted_16bit:
         _noted_16bit = True
         log.warning(f"16-bit images are scaled to 8 bits (value >> 8); first one: {path}")
-    return image
+    return decoded
 
 
 class Source(Protocol):
@@ -105,6 +94,7 @@ class Sample:
     rule: LabelRule | None
     name: str
     where: str
+    exif_orientation: bool = True  # apply the image's EXIF orientation (data.exif_orientation)
 
 
 class FileSource:
@@ -118,12 +108,13 @@ class FileSource:
 
     def load(self, index: int, *, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
         sample = self.samples[index]
-        image = read_image(sample.image)
+        decoded = read_image(sample.image, exif_orientation=sample.exif_orientation)
+        image = decoded.rgb
         if not with_label:
             return image, None
         if sample.label is None or sample.rule is None:
             raise DataError(f"{sample.where}: no label for {sample.image}")
-        label = read_label(sample.label, sample.rule)
+        label = orient_label(read_label(sample.label, sample.rule), decoded.orientation, decoded.stored_hw)
         if label.shape != image.shape[:2]:
             raise DataError(
                 f"{sample.label}: label size {label.shape[1]}x{label.shape[0]} differs from image size "
@@ -163,7 +154,8 @@ class Resolver:
         resolve = {"cityscapes": self._cityscapes, "voc": self._voc, "folder": self._folder}[self.cfg.dataset]
         image, label, rule = resolve(entry, with_label)
         name = PurePosixPath(entry.tokens[0]).stem if _is_path(entry.tokens[0]) else entry.tokens[0]
-        return Sample(image, label if with_label else None, rule if with_label else None, name, entry.where)
+        return Sample(image, label if with_label else None, rule if with_label else None, name, entry.where,
+                      self.cfg.exif_orientation)  # fmt: skip
 
     def _explicit(self, entry: ListEntry, rule: LabelRule) -> tuple[Path, Path | None, LabelRule | None]:
         return self.root / entry.tokens[0], self.root / entry.tokens[1], rule

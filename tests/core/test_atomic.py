@@ -10,7 +10,8 @@ from typing import IO
 
 import pytest
 
-from imas_core.atomic import atomic_write, atomic_write_bytes, atomic_write_json, sha256_file
+import imas_core.atomic
+from imas_core.atomic import atomic_write, atomic_write_bytes, atomic_write_json, sha256_file, stale_temporaries
 
 
 class WriterFailed(Exception):
@@ -83,3 +84,35 @@ def test_sha256_matches_hashlib_across_chunk_boundaries(tmp_path: Path) -> None:
     assert sha256_file(path, chunk=1000) == hashlib.sha256(data).hexdigest() == sha256_file(path)
     (tmp_path / "empty").write_bytes(b"")
     assert sha256_file(tmp_path / "empty") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-status", "os-umask-fallback"])
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc: bool, mask: int, mode: int
+) -> None:
+    """mkstemp creates 0600 whatever the umask; the destination gets 0o666 & ~umask, as open() would give."""
+    if not proc:  # a system without /proc/self/status: os.umask read once per process and cached
+        monkeypatch.setattr(imas_core.atomic, "_proc_umask", lambda: None)
+        monkeypatch.setattr(imas_core.atomic, "_cached_umask", None)
+    old = os.umask(mask)
+    try:
+        atomic_write_bytes(tmp_path / "artifact.bin", b"x")
+        atomic_write_json(tmp_path / "sidecar.json", {}, fsync=False)
+        assert imas_core.atomic.umask() == mask
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "artifact.bin").st_mode & 0o777 == mode
+    assert os.stat(tmp_path / "sidecar.json").st_mode & 0o777 == mode
+
+
+def test_stale_temporaries_are_only_atomic_write_names(tmp_path: Path) -> None:
+    (tmp_path / ".teacher.safetensors.ab_3x9qz.tmp").write_bytes(b"partial")
+    (tmp_path / ".best.json.k2l9m0pq.tmp").write_bytes(b"partial")
+    for other in (".notes.tmp", "teacher.tmp", ".x.toolong123.tmp", ".lock"):
+        (tmp_path / other).write_bytes(b"keep")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".epoch_000.csv.abcdefgh.tmp").write_bytes(b"not this folder")
+    found = [p.name for p in stale_temporaries(tmp_path)]
+    assert found == [".best.json.k2l9m0pq.tmp", ".teacher.safetensors.ab_3x9qz.tmp"]
+    assert stale_temporaries(tmp_path / "missing") == []

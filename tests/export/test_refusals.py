@@ -54,6 +54,20 @@ def test_sidecar_with_another_class_count_is_refused(export_tiny: Callable[..., 
         check_onnx_artifact(path)
 
 
+def test_inference_refuses_a_consistent_sidecar_with_another_class_count(export_tiny: Callable[..., Any]) -> None:
+    """An exported window model's class dimension is symbolic in the graph: the runner reads the classes the
+    exporter recorded inside the ONNX, so the refusal comes when the model is opened, not from ONNX Runtime."""
+    from imas_core.runners import open_backend
+
+    path = export_tiny().path
+    side = sidecar_path(path)
+    raw = json.loads(side.read_text())
+    side.write_text(json.dumps({**raw, "num_classes": 4, "class_names": list("abcd"), "palette": [[0, 0, 0]] * 4}))
+    with pytest.raises(ArtifactError, match=r"model\.onnx\.json: the sidecar says 4 classes, but the metadata "
+                                            r"inside model\.onnx records 3"):  # fmt: skip
+        open_backend(path, backend="ort-cpu")
+
+
 def test_tampered_teacher_is_refused_and_nothing_is_written(tiny_teacher: Path, tmp_path: Path) -> None:
     from imas_export import OnnxExportOptions, export_onnx
 

@@ -155,3 +155,19 @@ def test_tensorrt_backend_matches_onnxruntime(tmp_path: Path) -> None:
                 np.testing.assert_allclose(out[i], expected_logits(images[i]), atol=1e-2, rtol=1e-3)
         with pytest.raises(InferError, match="outside the engine profile"):
             backend.run(np.zeros((9, 3, 16, 24), np.float32))
+
+
+def _five_classes(meta: ExportedModelMeta) -> ExportedModelMeta:
+    """The sidecar of a 5-class model: consistent with itself (names, palette), wrong for a 3-class graph."""
+    return dataclasses.replace(
+        meta, num_classes=5, class_names=[f"c{i}" for i in range(5)], palette=[[i, i, i] for i in range(5)]
+    )
+
+
+def test_ort_refuses_a_sidecar_with_another_class_count_when_opened(tmp_path: Path) -> None:
+    model = make_onnx(tmp_path / "m.onnx", window=(16, 24), num_classes=3)
+    write_exported_meta(model, _five_classes(read_exported_meta(model)))
+    with pytest.raises(ArtifactError, match=r"m\.onnx\.json: the sidecar says 5 classes, but the graph of m\.onnx "
+                                            r"outputs 3"):  # fmt: skip
+        open_backend(model, backend="ort-cpu")
+    assert main(["--model", str(model), "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2

@@ -201,10 +201,10 @@ def test_readers_stay_a_bounded_number_of_images_ahead(tmp_path: Path, monkeypat
     started, lock = [0], threading.Lock()
     original = pipeline.load_image
 
-    def counting_load(item):  # type: ignore[no-untyped-def]
+    def counting_load(item, **kwargs):  # type: ignore[no-untyped-def]
         with lock:
             started[0] += 1
-        return original(item)
+        return original(item, **kwargs)
 
     monkeypatch.setattr(pipeline, "load_image", counting_load)
     items = [pipeline.SyntheticItem(i, 8, 8) for i in range(30)]

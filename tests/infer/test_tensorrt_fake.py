@@ -20,7 +20,7 @@ from PIL import Image
 
 from imas_core.artifacts import read_exported_meta, write_exported_meta
 from imas_core.atomic import sha256_file
-from imas_core.errors import InferError
+from imas_core.errors import ArtifactError, InferError
 from imas_core.runners import open_backend
 from imas_infer.cli import main
 from tests.infer.infer_helpers import cli_args, conv_weights, expected_logits, make_onnx, random_image, save_image
@@ -230,3 +230,15 @@ def test_version_compatible_engines_may_run_host_code(tmp_path: Path, fake_trt: 
         assert fake_trt["host_code_allowed"] is False
     with open_backend(_engine(tmp_path / "compat", version_compatible=True)):
         assert fake_trt["host_code_allowed"] is True  # set before deserialize_cuda_engine, as TensorRT requires
+
+
+def test_a_sidecar_with_another_class_count_is_refused_when_the_engine_opens(
+    tmp_path: Path, fake_trt: dict[str, Any]
+) -> None:
+    engine = _engine(tmp_path)  # the fake engine outputs (N, 3, h, w)
+    meta = read_exported_meta(engine)
+    names, palette = [f"c{i}" for i in range(5)], [[i, i, i] for i in range(5)]
+    write_exported_meta(engine, dataclasses.replace(meta, num_classes=5, class_names=names, palette=palette))
+    with pytest.raises(ArtifactError, match=r"model\.engine\.json: the sidecar says 5 classes, but the engine "
+                                            r"model\.engine outputs 3"):  # fmt: skip
+        open_backend(engine)

@@ -133,3 +133,19 @@ def test_torch_and_onnxruntime_agree(tiny_teacher: Path, inputs: Path, tmp_path:
         labels[name] = [np.asarray(Image.open(tmp_path / name / "labels" / f"im{i}.png")) for i in range(2)]
     for a, b in zip(labels["torch"], labels["ort"], strict=True):
         assert (a == b).mean() > 0.999
+
+
+def test_a_teacher_sidecar_with_another_class_count_is_refused_by_both_numbers(tiny_teacher: Path) -> None:
+    import json
+
+    from imas_core.errors import ArtifactError
+    from imas_core.runners import open_backend
+
+    sidecar = tiny_teacher.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())  # the weights' sha256 is unchanged: only the sidecar lies
+    meta["model_config"]["num_classes"] = 5
+    meta["class_names"], meta["palette"] = [f"c{i}" for i in range(5)], [[i, i, i] for i in range(5)]
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"teacher\.json: the sidecar says 5 classes, but the classifier in "
+                                            r"teacher\.safetensors outputs 3"):  # fmt: skip
+        open_backend(tiny_teacher, device="cpu")

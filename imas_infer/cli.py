@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gt-suffix", help="GT name = input stem + suffix (default .png; Cityscapes names automatic)")
     o.add_argument("--report", type=Path, help="write a JSON report (timings, failures, mIoU)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--threads", type=int, help="intra-op threads of ONNX Runtime / torch")
+    r.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads of ONNX Runtime / torch (default: ONNX Runtime's own; "
+        "torch on the CPU: the cores minus one, at least 1)",
+    )
     r.add_argument("--readers", type=int, default=2, help="decoding threads (default 2)")
     r.add_argument("--writers", type=int, default=2, help="writing threads (default 2)")
     r.add_argument("--prefetch", type=int, default=8, help="decoded images queued ahead (default 8)")

@@ -48,7 +48,7 @@ class InferOptions:
     gt: Path | None = None  # ground-truth directory: adds mIoU over all images
     gt_suffix: str | None = None  # GT file name = <input stem> + suffix (default ".png"; Cityscapes automatic)
     exif_orientation: bool = True  # apply inputs' EXIF orientation, as viewers do (imas_core.images); False: stored
-    threads: int | None = None  # intra-op threads of ONNX Runtime / torch; None: the runtime's default
+    threads: int | None = None  # intra-op threads; None: ONNX Runtime's default, torch on the CPU: cores - 1 (>= 1)
     readers: int = 2  # decoding threads
     writers: int = 2  # encoding/writing threads
     prefetch: int = 8  # decoded images queued ahead of the model (bounds memory)

@@ -104,6 +104,7 @@ RESUMABLE_KEYS = frozenset({
     "eval.every_epochs", "optim.max_iters", "data.num_workers",  # when and how much, not what, is computed
     "run.output_dir",  # a run folder may be moved or spelled differently
     "model.pretrained",  # read only at initialisation: the checkpoint holds every weight
+    "run.cpu_threads",  # the machine's share, not the experiment (the float summation order may change with it)
 })  # fmt: skip
 _HISTORY_KEYS = (
     "eval_epoch", "miou_teacher", "miou_student",  # one entry per evaluation

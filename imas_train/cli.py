@@ -1,4 +1,5 @@
-"""Command line of the training package: ``imas-train`` (train), ``imas-train check-data``, ``imas-train make-splits``.
+"""Command line of the training package: ``imas-train`` (train), ``imas-train check-data``, ``imas-train make-splits``,
+``imas-train demo-scenes`` (demo scenes and their ground truth as PNG files, to try ``imas-infer --gt`` on).
 
 Launch forms (docs/style.md §4.2): ``accelerate launch imas_train --config X``, ``accelerate launch -m imas_train
 --config X``, ``python -m imas_train --config X``, ``torchrun --nproc_per_node N -m imas_train --config X``.
@@ -29,7 +30,12 @@ from imas_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ImasError,
 __all__ = ["build_parser", "main"]
 
 _PROG = "imas-train"
-_SUBCOMMANDS = ("check-data", "make-splits")
+_SUBCOMMANDS = ("check-data", "make-splits", "demo-scenes")
+# The scenes configs/demo.yaml validates on (data.demo: num_val, seed, height, width; tests/train/test_demo_scenes.py
+# checks they agree) and the size of its labeled split
+_DEMO_SCENES = {"val": 64, "train": 16}
+_DEMO_SEED, _DEMO_HEIGHT, _DEMO_WIDTH = 0, 96, 128
+_DEMO_STREAMS = {"val": "val", "train": "labeled"}  # --split -> the demo dataset's seed stream
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LAUNCHER_ENV = ("LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND")  # set for the processes a launcher starts
 
@@ -43,7 +49,23 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(command: str = "train") -> argparse.ArgumentParser:
-    """The parser of `command`: "train" (the default form), "check-data" or "make-splits"."""
+    """The parser of `command`: "train" (the default form), "check-data", "make-splits" or "demo-scenes"."""
+    if command == "demo-scenes":
+        parser = argparse.ArgumentParser(
+            prog=f"{_PROG} demo-scenes",
+            description="Write demo scenes and their ground truth: <output>/images/<name>.png (RGB) and "
+            "<output>/labels/<name>.png (class ids, what imas-infer --gt reads). The defaults are the 64 validation "
+            "scenes of configs/demo.yaml, the ones the demo model is scored on.",
+        )
+        parser.add_argument("--output", type=Path, required=True, help="output folder (images/ and labels/ inside)")
+        parser.add_argument("--split", choices=sorted(_DEMO_SCENES), default="val",
+                            help="val (default): the validation scenes; train: the labeled scenes")  # fmt: skip
+        parser.add_argument("--count", type=int, default=None,
+                            help="number of scenes (default: configs/demo.yaml's, 64 val, 16 train)")  # fmt: skip
+        parser.add_argument("--seed", type=int, default=_DEMO_SEED, help=f"data.demo.seed (default {_DEMO_SEED})")
+        parser.add_argument("--height", type=int, default=_DEMO_HEIGHT, help=f"scene height (default {_DEMO_HEIGHT})")
+        parser.add_argument("--width", type=int, default=_DEMO_WIDTH, help=f"scene width (default {_DEMO_WIDTH})")
+        return parser
     if command == "check-data":
         parser = argparse.ArgumentParser(
             prog=f"{_PROG} check-data", description="Check every image, label and split list of a config."
@@ -66,7 +88,8 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="Train DeepLabV3+ with iMAS under Accelerate. Other commands: "
-        f"'{_PROG} check-data --config X', '{_PROG} make-splits --list all.txt --out splits/'.",
+        f"'{_PROG} check-data --config X', '{_PROG} make-splits --list all.txt --out splits/', "
+        f"'{_PROG} demo-scenes --output DIR'.",
     )
     _config_args(parser)
     parser.add_argument(
@@ -79,6 +102,12 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
         "experiment (batch size, seed, method, splits, model, ...); the differences are recorded in run.json",
     )  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=None, help="run folder (overrides run.output_dir)")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start a new run in a folder that holds a previous one, deleting that run's files first (state/, "
+        "easiness/, tensorboard/, teacher.*, best.*, config.yaml, run.json, easiness.png, miou.png; other files "
+        "stay); without it such a run is refused",
+    )  # fmt: skip
     return parser
 
 
@@ -110,7 +139,30 @@ def _die_with_launcher() -> None:
         logging.getLogger(__name__).warning("cannot ask for SIGTERM on the launcher's death (no prctl)")
 
 
+def _demo_scenes(args: argparse.Namespace) -> int:
+    """``imas-train demo-scenes``: one line per stage, then the next command."""
+    from imas_train.data.demo import write_scenes
+
+    count = _DEMO_SCENES[args.split] if args.count is None else args.count
+    if count < 1 or args.height < 16 or args.width < 16:
+        raise ImasError(f"--count must be >= 1 and --height/--width >= 16, got {count}, {args.height}x{args.width}")
+    out: Path = args.output
+    print(f"demo-scenes: rendering {count} {args.split} scenes of {args.height}x{args.width} (seed {args.seed})")
+    names = write_scenes(out, _DEMO_STREAMS[args.split], count, seed=args.seed, height=args.height, width=args.width)
+    print(f"images: {out / 'images'} ({len(names)} RGB PNGs, {names[0]}.png ... {names[-1]}.png)")
+    print(f"labels: {out / 'labels'} ({len(names)} PNGs of class ids 0-4: background, road, disc, box, triangle)")
+    run = out.parent if (out.parent / "teacher.safetensors").is_file() else Path("runs/demo")
+    model = run / "model.onnx"
+    if not model.is_file():
+        print(f"next: imas-export onnx --teacher {run / 'teacher.safetensors'} --output {model}")
+    print(f"next: imas-infer --model {model} --input {out / 'images'} --output {run / 'pred'} "
+          f"--gt {out / 'labels'} --save labels,color,overlay")  # fmt: skip
+    return 0
+
+
 def _run(command: str, args: argparse.Namespace) -> int:
+    if command == "demo-scenes":
+        return _demo_scenes(args)
     if command == "make-splits":
         from imas_train.data import make_splits, read_list, write_splits
 
@@ -145,7 +197,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
     stages.propagate = False
     try:
         with logging_redirect_tqdm(loggers=[stages]):
-            train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+            train(cfg, resume=args.resume, allow_config_change=args.allow_config_change, overwrite=args.overwrite)
     finally:
         stages.removeHandler(handler)
     return 0

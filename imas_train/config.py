@@ -195,6 +195,7 @@ class RunConfig:
     deterministic: bool = False  # torch deterministic algorithms; cudnn benchmark off
     tensorboard: bool = True
     easiness_csv: bool = True
+    cpu_threads: int | None = None  # torch intra-op threads per process on the CPU; None: imas_train.threads' policy
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ state, the exported model) comes from the `Method` chosen by ``cfg.method`` (`im
 * A step's random draws come from a generator seeded from (seed, rank, iteration): a resumed run repeats them.
 * One run per folder: the main process locks ``<run>/.lock`` (after checking the folder is writable) before
   anything is written, and holds the lock until `train` returns (`run_folder.RunLock`); then it removes the
-  temporaries that a killed atomic write left in the folder.
+  temporaries that a killed atomic write left in the folder. A new run (no resume) into a folder that holds a run
+  is refused, or with ``overwrite`` first deletes that run's files (`run_folder.clear_previous_run`).
+* On the CPU, torch's intra-op threads per process are set before anything runs: ``run.cpu_threads``, else the
+  toolkit's policy (`threads.default_cpu_threads`); the ``devices:`` line says which.
 * Each checkpoint records the run's config and its health (finite weights, logged loss; `checkpoint`): a resume
   with another experiment is refused before anything is loaded unless ``allow_config_change``, and a non-finite
   loss names the newest healthy checkpoint, not merely the latest.
@@ -51,7 +54,7 @@ from tqdm.auto import tqdm
 
 import imas_core
 from imas_core.atomic import atomic_write_json, atomic_write_text
-from imas_core.errors import TrainingError, TrainingStopped
+from imas_core.errors import ConfigError, TrainingError, TrainingStopped
 from imas_core.scores import format_iou_table
 from imas_train.augment import normalise_images
 from imas_train.checkpoint import (
@@ -75,6 +78,7 @@ from imas_train.plots import plot_easiness, plot_miou
 from imas_train.run_folder import claim_run_folder
 from imas_train.stop_signals import StopSignals
 from imas_train.teacher_artifact import save_teacher, teacher_meta
+from imas_train.threads import apply_cpu_threads
 
 __all__ = ["TrainResult", "train"]
 
@@ -110,7 +114,9 @@ class TrainingSetup:
     stop: int  # the iteration this run ends at (optim.max_iters)
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, allow_config_change: bool = False) -> TrainResult:
+def train(
+    cfg: TrainConfig, *, resume: str | None = None, allow_config_change: bool = False, overwrite: bool = False
+) -> TrainResult:
     """Train, evaluate and write the artifact; every process of a launch calls this.
 
     Args:
@@ -122,6 +128,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None, allow_config_change: b
             experiment (batch size, seed, method, split lists, model, ...); the differences go to ``run.json``.
             Without it such a resume is refused (`checkpoint.config_changes`; `checkpoint.RESUMABLE_KEYS` may
             always change).
+        overwrite: a new run (`resume` None) into a folder that holds a run first deletes that run's files
+            (`run_folder.clear_previous_run`, once the run lock is held; other files stay). Without it such a run
+            is refused.
 
     Returns:
         The final artifact's path and scores. Files: ``<run>/{teacher,best}.safetensors`` + ``.json``,
@@ -131,11 +140,14 @@ def train(cfg: TrainConfig, *, resume: str | None = None, allow_config_change: b
     Raises:
         TrainingError: a non-finite loss (nothing is saved for that iteration; the message names the newest
             healthy checkpoint and lists the others), an unusable checkpoint, a resume with another experiment's
-            config, a run folder that is not writable or is in use by another run, a checkpoint that cannot be
-            saved, or a launch whose processes Accelerate cannot see.
+            config, a run folder that is not writable, in use by another run, or holding a previous run (a new run
+            without `overwrite`), a checkpoint that cannot be saved, or a launch whose processes Accelerate cannot
+            see.
         TrainingStopped: SIGTERM or SIGUSR1 arrived; the run stopped after a checkpoint (resume it).
-        ConfigError, DataError, WeightsError: bad settings or data.
+        ConfigError, DataError, WeightsError: bad settings or data (also `overwrite` with `resume`).
     """
+    if overwrite and resume is not None:
+        raise ConfigError("--overwrite starts a new run and deletes the previous one; it cannot go with --resume")
     run_dir = Path(cfg.run.output_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and `accelerate launch`
     accelerator = Accelerator(
@@ -147,12 +159,18 @@ def train(cfg: TrainConfig, *, resume: str | None = None, allow_config_change: b
     )
     if accelerator.num_processes != launched:  # each process would otherwise train alone into the same folder
         raise TrainingError(f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}")
-    lock = claim_run_folder(accelerator, run_dir)
+    threads_before = torch.get_num_threads()
+    if accelerator.device.type == "cpu":  # intra-op threads per process (imas_train.threads); restored on return
+        apply_cpu_threads(cfg.run.cpu_threads, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     try:
-        with StopSignals() as stop:
-            return _run(cfg, accelerator, run_dir, resume, stop, allow_config_change)
+        lock = claim_run_folder(accelerator, run_dir, new_run=resume is None, overwrite=overwrite)
+        try:
+            with StopSignals() as stop:
+                return _run(cfg, accelerator, run_dir, resume, stop, allow_config_change)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        torch.set_num_threads(threads_before)
 
 
 def _run(
@@ -335,7 +353,11 @@ def _setup(cfg: TrainConfig, accelerator: Accelerator, method: Method) -> Traini
     n = len(networks)
     prepared_forwards = dict(zip(networks, prepared[:n], strict=True))
     plain = {name: accelerator.unwrap_model(f, keep_torch_compile=False).model for name, f in prepared_forwards.items()}
-    log.info(f"devices: {world} process(es) on {accelerator.device.type}, precision "
+    threads = ""
+    if accelerator.device.type == "cpu":
+        how = "run.cpu_threads" if cfg.run.cpu_threads is not None else "default policy"
+        threads = f" ({torch.get_num_threads()} torch thread(s) per process, {how})"
+    log.info(f"devices: {world} process(es) on {accelerator.device.type}{threads}, precision "
              f"{accelerator.mixed_precision}; batch {b}+{b} per process, {global_batch} labeled per step; "
              f"lr backbone {lr:g}, head {lr * cfg.optim.head_lr_mult:g} ({cfg.optim.lr_scaling} scaling); "
              f"networks trained: {', '.join(networks)}")  # fmt: skip

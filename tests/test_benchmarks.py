@@ -75,3 +75,16 @@ def test_infer_smoke(tmp_path: Path) -> None:
         assert row["model_ms_per_image"] > 0 and row["images_per_s"] > 0 and row["peak_rss_mib"] > 0
         assert row["windows_per_image"] == payload["settings"]["windows_per_image"]
         assert row["gflop_per_image"] > 0
+
+
+@pytest.mark.slow
+def test_threads_smoke(tmp_path: Path) -> None:
+    stdout, payload = _run("threads", tmp_path, "--infer")
+    assert "| launch | run.cpu_threads | torch threads |" in stdout and "| imas-infer --threads |" in stdout
+    (row,) = [r for r in payload["results"] if r["kind"] == "train"]
+    assert (row["launcher"], row["threads"], row["wait"]) == ("python", 1, "unset")
+    assert row["torch_threads_alone"] == row["torch_threads_load"] == 1  # run.cpu_threads reached torch
+    assert row["it_per_s_alone"] > 0 and row["it_per_s_load"] > 0 and not row["errors_alone"] + row["errors_load"]
+    (row,) = [r for r in payload["results"] if r["kind"] == "infer"]
+    assert row["images_per_s_alone"] > 0 and row["model_ms_per_image_alone"] > 0 and not row["errors_alone"]
+    assert row["runtime_alone"].endswith("cpu, 1 thread(s)")

@@ -23,17 +23,25 @@ minute or two, yet 16 labeled images do not cover their variety and unlabeled im
 
 The labeled, unlabeled and val splits use different seed streams, so they are disjoint by construction; a sample
 is a pure function of (split, index, seed, size). A 96x128 scene renders in about 2 ms on one core.
+
+`write_scenes` writes scenes as image files with their ground truth (``imas-train demo-scenes``), so that
+``imas-infer --gt`` can score a demo model on the very scenes it was validated on.
 """
 
 from __future__ import annotations
 
 import colorsys
+import io
 import math
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from imas_core.atomic import atomic_write_bytes
+from imas_core.classes import DEMO_PALETTE
 
 BACKGROUND, ROAD, DISC, BOX, TRIANGLE = range(5)  # indices into classes.DEMO_CLASSES
 _SPLIT_STREAMS = {"labeled": 101, "unlabeled": 102, "val": 103}
@@ -275,3 +283,27 @@ class DemoSource:
 
     def name(self, index: int) -> str:
         return f"demo_{self.split}_{index:05d}"
+
+
+def write_scenes(output: Path, split: str, count: int, *, seed: int, height: int, width: int) -> list[str]:
+    """Write `count` scenes of `split` as ``output/images/<name>.png`` (RGB) and ``output/labels/<name>.png``
+    (palette PNG whose indices are the class ids 0..4, colours `DEMO_PALETTE`), each atomically; `<name>` is
+    `DemoSource.name`, the same in both folders, as ``imas-infer --gt`` pairs them. Returns the names, in order.
+    """
+    from PIL import Image  # a training dependency; imported here like every image writer of the toolkit
+
+    source = DemoSource(split, count, seed=seed, height=height, width=width)
+    palette = [value for rgb in DEMO_PALETTE for value in rgb]
+    names = []
+    for index in range(count):
+        image, label = source.load(index, with_label=True)
+        assert label is not None
+        name = source.name(index)
+        mask = Image.fromarray(label)
+        mask.putpalette(palette)  # an "L" image becomes "P": the pixel values stay the class ids
+        for folder, picture in (("images", Image.fromarray(image)), ("labels", mask)):
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            atomic_write_bytes(output / folder / f"{name}.png", buffer.getvalue(), fsync=False)
+        names.append(name)
+    return names

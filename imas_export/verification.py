@@ -16,8 +16,9 @@ import numpy as np
 
 from imas_core.artifacts import ExportedModelMeta, TeacherMeta, read_exported_meta
 from imas_core.errors import ArtifactError
+from imas_core.runners.onnxruntime_backend import OrtBackend
 from imas_core.runtime import gpu_info
-from imas_export.graph import check_onnx_artifact, ort_runner, ort_session
+from imas_export.graph import check_onnx_artifact
 from imas_export.options import VerifyOptions
 from imas_export.parity import ParityReport, Runner, compare, require_passed, run_batched, teacher_reference, thresholds
 from imas_export.samples import Samples, demo_samples, load_folder
@@ -51,15 +52,23 @@ def _tensorrt_runner(engine: Path, meta: ExportedModelMeta) -> tuple[Runner | No
     try:
         import tensorrt  # noqa: F401  # optional; present on GPU hosts and Jetsons only
     except ImportError:
-        return None, "TensorRT is not installed (pip install 'imas[trt]' on a machine with an NVIDIA GPU)", None
+        return (
+            None,
+            'TensorRT is not installed (pip install -e ".[trt]" in the imas checkout, on a machine with an NVIDIA GPU)',
+            None,
+        )
     if gpu_info() is None:
         return None, "no CUDA GPU is visible", None
-    try:
-        from imas_core.runners.tensorrt_backend import TensorRTBackend
-    except ImportError as err:
-        return None, f"the imas_infer TensorRT backend is unavailable ({err})", None
+    from imas_core.runners.tensorrt_backend import TensorRTBackend
+
     backend = TensorRTBackend(engine, meta)
     return (lambda batch: np.array(backend.run(batch), copy=True)), "", backend
+
+
+def _ort_runner(backend: OrtBackend) -> Runner:
+    """Raw RGB images (N, 3, H, W) -> the model's output, through the same ONNX Runtime runner as `imas-infer`."""
+    dtype = backend.input_dtype
+    return lambda batch: np.array(backend.run(np.ascontiguousarray(batch.astype(dtype, copy=False))), copy=True)
 
 
 def _window(
@@ -119,10 +128,8 @@ def verify(options: VerifyOptions, on_stage: StageCallback | None = None) -> Ver
     log.done("torch", note=f"{len(samples)} images from {samples.source}{note}")
 
     candidates: list[tuple[str, ExportedModelMeta, Runner, Path]] = []
-    session = ort_session(options.onnx, p.provider)
-    candidates.append(
-        (f"onnxruntime-{p.provider}", onnx_meta, ort_runner(session, onnx_meta.input_dtype), options.onnx)
-    )
+    ort = OrtBackend(options.onnx, onnx_meta, name=f"ort-{p.provider}")  # the runner imas-infer uses
+    candidates.append((f"onnxruntime-{p.provider}", onnx_meta, _ort_runner(ort), options.onnx))
     skipped: dict[str, str] = {}
     closable = None
     if options.engine is not None and engine_meta is not None:

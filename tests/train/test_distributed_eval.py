@@ -130,32 +130,44 @@ def test_two_process_training_run(tmp_path: Path) -> None:
 RANK_SCRIPT = textwrap.dedent(
     """
     import hashlib, json, os, sys
+    import imas_train.train as loop
     from imas_train.config import load_config
-    from imas_train.methods import imas as imas_method
-    from imas_train.train import train
 
     built = []
-    original_init = imas_method.ImasMethod.__init__
+    original = loop.build_method
 
-    def remember(self, cfg):
-        original_init(self, cfg)
-        built.append(self)
+    def remember(cfg):
+        built.append(original(cfg))
+        return built[-1]
 
-    imas_method.ImasMethod.__init__ = remember
+    loop.build_method = remember
     cfg = load_config(sys.argv[1], sys.argv[3:])
-    train(cfg)
-    state = built[0].teacher.state_dict()
+    loop.train(cfg)
+    method = built[0]
+    state = method.teacher.state_dict()
     digest = hashlib.sha256(b"".join(state[k].cpu().contiguous().numpy().tobytes() for k in sorted(state)))
+    record = {"sha256": digest.hexdigest(), "keys": len(state)}
+    bank = getattr(method, "bank", None)
+    if bank is not None:
+        record["bank_rows"] = [bank.count(c) for c in range(bank.num_classes)]
+        record["bank_sha256"] = hashlib.sha256(b"".join(q.numpy().tobytes() for q in bank.queues)).hexdigest()
     with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as fh:
-        json.dump({"sha256": digest.hexdigest(), "keys": len(state)}, fh)
+        json.dump(record, fh)
     """
 )
 
+U2PL_SMALL = [
+    "method=u2pl", "u2pl.sup_only_epochs=0", "u2pl.num_anchors=8", "u2pl.num_negatives=4", "u2pl.bank_size=300",
+    "u2pl.bank_size_class0=400", "model.rep_channels=16", "u2pl.ema_buffers=false", "u2pl.cutmix_prob=1.0",
+]  # fmt: skip
+
 
 @pytest.mark.slow
-def test_two_process_training_keeps_identical_teachers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["imas", "u2pl"])
+def test_two_process_training_keeps_identical_teachers(tmp_path: Path, method: str) -> None:
     """After `train()` under torchrun (2 gloo processes, per-process BN), both ranks hold the same teacher bytes,
-    and they are the bytes of the exported artifact."""
+    and they are the bytes of the exported artifact; for U2PL the memory banks, filled from both processes'
+    negatives, are identical too."""
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
@@ -165,6 +177,7 @@ def test_two_process_training_keeps_identical_teachers(tmp_path: Path) -> None:
         f"run.output_dir={run}", "data.demo.num_labeled=4", "data.demo.num_unlabeled=8", "data.demo.num_val=2",
         "data.demo.height=40", "data.demo.width=48", "data.crop_size=33", "data.batch_size=2", "eval.window=48",
         "optim.epochs=2", "run.tensorboard=false", "imas.sup_only_epochs=0", "run.easiness_csv=false",
+        *(U2PL_SMALL if method == "u2pl" else []),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -174,6 +187,8 @@ def test_two_process_training_keeps_identical_teachers(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["keys"] > 10
+    if method == "u2pl":
+        assert sum(ranks[0]["bank_rows"]) > 0  # negatives of both processes were banked, identically
     saved = load_file(str(run / "teacher.safetensors"))
     digest = hashlib.sha256(b"".join(saved[k].contiguous().numpy().tobytes() for k in sorted(saved)))
     assert digest.hexdigest() == ranks[0]["sha256"]

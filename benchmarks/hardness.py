@@ -3,7 +3,7 @@
 The reference computes softmax/max/argmax on the device, copies the label maps to the host, then loops over the images
 in Python: per image and direction a confusion matrix with np.bincount (behind a validity mask), class frequencies
 counted class by class, and the class-weighted IoU with class 0 excluded (NaN weights + nansum), combined with the
-confident ratios as ALGORITHM.md §2. That loop is written out below from the specification and the reference's
+confident ratios as docs/algorithm.md §2. That loop is written out below from the specification and the reference's
 observable behaviour; it is the baseline, not code under test.
 
 Two comparisons, both on the same synthetic logits:
@@ -56,7 +56,7 @@ TOLERANCE = 1e-6  # float32 precision of values in [0, 1]
 
 
 def _wiou_reference(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.float32:
-    """Class-weighted IoU of one image as the reference behaves (ALGORITHM.md §2; weights from `ref`, class 0 out).
+    """Class-weighted IoU of one image as the reference behaves (docs/algorithm.md §2; weights from `ref`, class 0 out).
 
     Cost-relevant behaviour kept: a validity mask and boolean indexing before np.bincount, int64 conversion, float64
     histogram, the class frequencies counted with one `(ref == c).sum()` pass per class, and NaN weights + nansum
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "(a) includes two softmax+max passes, identical work on both sides; (b) starts from the same label/conf maps",
         "reference: device softmax/max, .cpu().numpy() copies, a per-image Python loop: masked np.bincount, class"
-        " frequencies counted class by class, NaN weights + nansum (written from ALGORITHM.md §2, not copied)",
+        " frequencies counted class by class, NaN weights + nansum (written from docs/algorithm.md §2, not copied)",
         "lean: the per-image numpy loop with one bincount per direction and frequencies from the histogram rows",
         "proto: one bincount per pair (the other direction is the transpose), count_nonzero ratios; numpy on CPU",
         "ratios are medians of wall time within one run; CPU timings depend on the load (machine.load_average_1_5_15)",

@@ -14,7 +14,8 @@ CutMix is forced to fire in every iMAS iteration through the config's documented
 in training: the easiness is still computed and still weights the loss, the intensity mix and the pairing. The
 only work skipped is the host read of mean(e) for the trigger.
 
-Arithmetic anchors (ALGORITHM.md §11.5, shared/methods/README.md §2), per labeled+unlabeled pair with CutMix firing:
+Arithmetic anchors (docs/algorithm.md §11.5, shared/methods/README.md §2), per labeled+unlabeled pair with CutMix
+firing:
 iMAS faithful 2 + 4x3 = 14 forward-equivalents, fast (forward_unused_weak=False) 2 + 3x3 = 11, U2PL 9, CPS 16,
 supervised 3: ratios 4.67, 3.67, 3.0 and 5.33 (the aux head, run on every student input, and U2PL's heavier decoder
 and representation head move them). U2PL fires CutMix every iteration here (``cutmix_prob=1``) and runs its
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         args.variants = ["supervised", *args.variants]  # every ratio is against it
     cuda = args.device.startswith("cuda")
     if cuda:
-        torch.backends.cudnn.benchmark = True  # as in training (ALGORITHM.md §10, item 7)
+        torch.backends.cudnn.benchmark = True  # as in training (docs/algorithm.md §10, item 7)
     precisions = ["fp32", "bf16"] if cuda else ["fp32"]
     cfg = scaled_model_config(args)
     settings = {
@@ -384,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "time ratio = median iteration time / median supervised iteration time, same run, same model and batch",
         "FLOPs: FlopCounterMode over one whole iteration (no-grad easiness forwards, training forward, backward)",
-        "anchor ratio: 14/3, 11/3, 9/3 and 16/3 forward-equivalents (ALGORITHM.md §11.5, shared/methods/README.md §2),"
+        "anchor ratio: 14/3, 11/3, 9/3 and 16/3 forward-equivalents"
+        " (docs/algorithm.md §11.5, shared/methods/README.md §2),"
         " ignoring the aux head and U2PL's heavier decoder",
         "peak MiB: each variant alone in a fresh process (peak RSS on CPU, so it includes the interpreter and torch)",
         "CPU timings depend on the load (machine.load_average_1_5_15); only ratios within one run are meaningful",

@@ -11,7 +11,7 @@ CITYSCAPES_PALETTE = (
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
     (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )  # fmt: skip
-# Official labelIds of the 19 trainIds, in trainId order (ALGORITHM.md §5.1). Every other labelId maps to ignore.
+# Official labelIds of the 19 trainIds, in trainId order (docs/algorithm.md §5.1). Every other labelId maps to ignore.
 CITYSCAPES_TRAIN_TO_LABEL_ID = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 
 VOC_CLASSES = (

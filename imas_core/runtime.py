@@ -73,7 +73,9 @@ def import_cudart() -> Any:
         try:
             from cuda import cudart  # older cuda-python layout
         except ImportError as err:
-            raise RuntimeUnavailable("cuda-python is not installed; pip install 'imas[trt]'") from err
+            raise RuntimeUnavailable(
+                'cuda-python is not installed; pip install -e ".[trt]" in the imas checkout'
+            ) from err
     return cudart
 
 

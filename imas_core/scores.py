@@ -1,7 +1,7 @@
 """mIoU bookkeeping in numpy (tier 0: stdlib + numpy only, no torch).
 
 Training-time evaluation (per-image counts from `imas_train.metrics`) and ``imas-infer --gt`` both reduce through
-`miou`, so their numbers agree by construction (ALGORITHM.md §8).
+`miou`, so their numbers agree by construction (docs/algorithm.md §8).
 """
 
 from __future__ import annotations

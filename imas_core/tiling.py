@@ -1,6 +1,6 @@
 """Sliding-window geometry, shared by training-time evaluation (torch) and inference (numpy). Tier 0: stdlib only.
 
-Two protocols (ALGORITHM.md §8):
+Two protocols (docs/algorithm.md §8):
 * ``imas``: the reference evaluation. Starts are 0, stride, 2*stride, ... < size; each window spans
   [start, min(start + window, size)), so edge windows are *truncated* (a 6-px strip at height 1030 is faithful).
   Probabilities are summed; windows have variable sizes.

@@ -44,7 +44,7 @@ def strip_unused_opsets(model: onnx.ModelProto) -> None:
 
 
 def check_resize_align_corners(model: onnx.ModelProto) -> int:
-    """Every Resize must use coordinate_transformation_mode=align_corners (ALGORITHM.md §4). Returns the count."""
+    """Every Resize must use coordinate_transformation_mode=align_corners (docs/algorithm.md §4). Returns the count."""
     count = 0
     for node in model.graph.node:
         if node.op_type != "Resize":

@@ -61,13 +61,26 @@ class ParityReport:
     def line(self) -> str:
         """One-line summary, e.g. ``onnxruntime-cpu fp32: agreement 100.000% max-abs 2.1e-05 ...``."""
         text = f"{self.backend} {self.precision}: agreement {100 * self.agreement:.3f}% on {self.images} images"
+        if self.source:
+            text += f" ({self.images_described()})"
         if self.max_abs is not None and self.mean_abs is not None:
             text += f", {self.compared} max-abs {self.max_abs:.2e} mean-abs {self.mean_abs:.2e}"
         if self.miou is not None and self.miou_reference is not None and self.miou_delta is not None:
             text += (
-                f", mIoU {100 * self.miou:.2f} (torch {100 * self.miou_reference:.2f}, {100 * self.miou_delta:+.2f})"
+                f", mIoU {100 * self.miou:.2f} on these {self.images} images"
+                f" (torch {100 * self.miou_reference:.2f}, {100 * self.miou_delta:+.2f})"
             )
         return text
+
+    def images_described(self) -> str:
+        """Which images were compared: the folder, or for the demo set that they are not training's validation."""
+        if self.source.startswith("demo:"):
+            split = self.source.split(":", 1)[1]
+            return (
+                f"the first {self.images} demo {split} scenes rendered at the model's input size, not the images or "
+                "the count training evaluated, so the mIoU differs from training's"
+            )
+        return self.source
 
 
 def thresholds(precision: str, options: ParityOptions) -> tuple[float, float | None]:

@@ -15,7 +15,7 @@ dynamic:
    are needed.
 
 The `labels` head is the argmax of the summed probabilities (the NumPy path's argmax); `probs` divides by the
-count (averaged probabilities, ALGORITHM.md §8 `full_tiles`).
+count (averaged probabilities, docs/algorithm.md §8 `full_tiles`).
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def trtexec_command(
 
 def _import_tensorrt(trtexec: str) -> Any:
     return import_tensorrt(
-        f"pip install 'imas[trt]' on a machine with an NVIDIA GPU, or build on the Jetson with trtexec: {trtexec}"
+        'pip install -e ".[trt]" in the imas checkout, on a machine with an NVIDIA GPU, or build on the Jetson with '
+        f"trtexec: {trtexec}"
     )
 
 

@@ -24,7 +24,7 @@ WindowMode = Literal["full_tiles", "imas", "whole", "stitched"]  # how a run cut
 PROTOCOL_ALIASES = {"fast": "full_tiles"}  # deprecated spellings that `imas-infer --protocol` still accepts
 BACKENDS: tuple[str, ...] = ("ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "torch")
 SAVE_KINDS: tuple[str, ...] = ("labels", "cityscapes-ids", "color", "overlay", "probs")
-DEFAULT_WINDOW = 769  # reference validation window (ALGORITHM.md §8); used when a dynamic-HW model records none
+DEFAULT_WINDOW = 769  # reference validation window (docs/algorithm.md §8); used when a dynamic-HW model records none
 DEFAULT_BATCH = 4  # windows per model call when the sidecar declares no maximum
 CITYSCAPES_NUM_CLASSES = 19
 

@@ -1,4 +1,4 @@
-"""Weak augmentation A_w, the strong intensity pool A_s^I and normalisation (ALGORITHM.md §5.3, §5.4).
+"""Weak augmentation A_w, the strong intensity pool A_s^I and normalisation (docs/algorithm.md §5.3, §5.4).
 
 Every random draw comes from the numpy Generator the caller passes in (the data pipeline builds it from a
 per-sample seed), never from global random state, so an augmented sample is a pure function of its seed.
@@ -180,7 +180,7 @@ class WeakAugment:
 
 # ------------------------------------------------------------------------------------- strong intensity pool A_s^I
 # PIL ops with the reference magnitudes: albumentations' near-equivalents differ (none softens sharpness, and its
-# HSV and contrast maths are not PIL's), so none is used here (ALGORITHM.md §5.4).
+# HSV and contrast maths are not PIL's), so none is used here (docs/algorithm.md §5.4).
 
 _MODIFIER = 0.999  # m = (max - min)·u·0.999, hard-wired in the reference
 

@@ -166,6 +166,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
     if command == "make-splits":
         from imas_train.data import make_splits, read_list, write_splits
 
+        if not args.list_path.is_file():  # read_list's own message points at a config, which make-splits has none of
+            raise ImasError(f"--list: file not found: {args.list_path}")
         items = [" ".join(entry.tokens) for entry in read_list(args.list_path)]
         splits = make_splits(items, [_size(f) for f in args.fractions], seed=args.seed)
         for name, digest in write_splits(args.out, splits).items():
@@ -178,7 +180,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
     if command == "check-data":
         from imas_train.data import check_data
 
-        report = check_data(cfg.data, cfg.model.num_classes)
+        report = check_data(cfg.data, cfg.model.num_classes, pretrained=cfg.model.pretrained)
         print(report.format())
         return EXIT_OK if report.ok else EXIT_PARTIAL
 

@@ -1,12 +1,13 @@
 """Typed experiment configuration: frozen dataclasses, a strict YAML loader and dotted overrides.
 
 Unknown keys are errors that name the key and suggest the closest valid one; every value is checked against its
-annotation. Only values shared by every reference run have defaults (ALGORITHM.md §7); dataset-specific values
+annotation. Only values shared by every reference run have defaults (docs/algorithm.md §7); dataset-specific values
 (tau, learning rate, weight decay, crop, epochs, aux head) must be stated by each experiment.
 """
 
 from __future__ import annotations
 
+import copy
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,14 @@ from imas_core.typed import from_dict, to_dict
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """DeepLabV3+ on a (dilated) ResNet (ALGORITHM.md §4)."""
+    """DeepLabV3+ on a (dilated) ResNet (docs/algorithm.md §4)."""
 
     num_classes: int
     aux_head: bool  # Cityscapes yes (weight 0.4), VOC no: no universal value, so no default
     depth: Literal[18, 34, 50, 101] = 50
     stem: Literal["deep", "standard"] = "deep"  # deep = faithful; standard loads torchvision ImageNet files
     output_stride: Literal[8, 16, 32] = 16
-    multi_grid: bool = True  # (2, 2, 4) grid on layer4 (ALGORITHM.md §4); False for SupOnly baselines
+    multi_grid: bool = True  # (2, 2, 4) grid on layer4 (docs/algorithm.md §4); False for SupOnly baselines
     base_width: int = 64  # 64 for every real ResNet; tiny test and demo models use less
     layers: tuple[int, int, int, int] | None = None  # block counts override; None = standard for `depth`
     aspp_channels: int = 256
@@ -56,7 +57,7 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset, split lists and the weak augmentation geometry (ALGORITHM.md §5)."""
+    """Dataset, split lists and the weak augmentation geometry (docs/algorithm.md §5)."""
 
     dataset: Literal["cityscapes", "voc", "folder", "demo"]
     crop_size: int  # 769 Cityscapes, 513 VOC
@@ -83,7 +84,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Supervised loss (ALGORITHM.md §6.1)."""
+    """Supervised loss (docs/algorithm.md §6.1)."""
 
     supervised: Literal["ce", "ohem"]  # OHEM Cityscapes, CE VOC
     ohem_thresh: float = 0.7
@@ -93,7 +94,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD with a per-iteration poly schedule (ALGORITHM.md §3 step 0, §7)."""
+    """SGD with a per-iteration poly schedule (docs/algorithm.md §3 step 0, §7)."""
 
     lr: float  # backbone base LR: 0.01 Cityscapes, 0.001 VOC
     weight_decay: float  # 5e-4 Cityscapes, 1e-4 VOC
@@ -109,7 +110,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ImasConfig:
-    """The iMAS method and its ablation switches (ALGORITHM.md §3, §10)."""
+    """The iMAS method and its ablation switches (docs/algorithm.md §3, §10)."""
 
     tau: float  # 0.7 Cityscapes, 0.95 VOC: no universal value, so no default
     unsup_weight: float = 3.0  # lambda_u in every reference run
@@ -170,7 +171,7 @@ class CpsConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Validation protocol (ALGORITHM.md §8)."""
+    """Validation protocol (docs/algorithm.md §8)."""
 
     protocol: Literal["imas", "full_tiles", "whole"]  # imas for Cityscapes, whole for VOC
     window: int = DEFAULT_WINDOW
@@ -213,7 +214,7 @@ class TrainConfig:
     eval: EvalConfig
     run: RunConfig
     method: Literal["imas", "supervised", "u2pl", "cps"] = "imas"  # a module of imas_train.methods
-    imas: ImasConfig | None = None  # method 'imas' (ALGORITHM.md)
+    imas: ImasConfig | None = None  # method 'imas' (docs/algorithm.md)
     u2pl: U2plConfig | None = None  # method 'u2pl' (shared/methods/U2PL.md)
     cps: CpsConfig | None = None  # method 'cps' (shared/methods/CPS.md)
 
@@ -223,7 +224,10 @@ class TrainConfig:
 
 
 def load_config(path: Path | str, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML experiment file, apply `section.key=value` overrides, and return a checked TrainConfig."""
+    """Read a YAML experiment file, apply `section.key=value` overrides, and return a checked TrainConfig.
+
+    An error that an override brings in names that override (``--set optim.lrr=0.1: ...``), not the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -233,25 +237,56 @@ def load_config(path: Path | str, overrides: typing.Sequence[str] = ()) -> Train
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    file_raw = copy.deepcopy(raw)
     for item in overrides:
         apply_override(raw, item)
-    cfg: TrainConfig = from_dict(TrainConfig, raw, where=str(path))
-    check_consistency(cfg)
-    return cfg
+
+    def checked(source: dict[str, Any]) -> TrainConfig:
+        cfg: TrainConfig = from_dict(TrainConfig, source, where=str(path))
+        check_consistency(cfg)
+        return cfg
+
+    try:
+        return checked(raw)
+    except ConfigError as err:
+        if not overrides:
+            raise
+        message = str(err)
+        # the first override after which the same error appears brought it in; none: the file's own error
+        culprit, partial = None, copy.deepcopy(file_raw)
+        for i, item in enumerate([None, *overrides]):
+            if item is not None:
+                apply_override(partial, item)
+            try:
+                checked(copy.deepcopy(partial))
+            except ConfigError as step_err:
+                if str(step_err) == message:
+                    culprit = item if i else None
+                    break
+        if culprit is None:
+            raise
+        prefix = f"{path}: "
+        detail = message[len(prefix) :] if message.startswith(prefix) else message
+        raise ConfigError(f"--set {culprit}: {detail}") from err
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one `a.b.c=value` override to a raw config dict; the value is parsed with yaml.safe_load."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        raise ConfigError(f"--set {item}: an override must look like section.key=value")
     dotted, value = item.split("=", 1)
     keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {item}: an override must look like section.key=value")
     node = raw
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+            raise ConfigError(f"--set {item}: {key!r} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({' '.join(str(err).split())})") from err
 
 
 def check_consistency(cfg: TrainConfig) -> None:

@@ -1,4 +1,4 @@
-"""The EMA teacher and its decay schedule (ALGORITHM.md §3 step 10, §10 item 8)."""
+"""The EMA teacher and its decay schedule (docs/algorithm.md §3 step 10, §10 item 8)."""
 
 from __future__ import annotations
 

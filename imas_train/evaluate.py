@@ -3,7 +3,7 @@
 `evaluate` returns an `EvalResult` and writes nothing; the epoch-end phase of the training loop decides what to
 record and save (the best model, plots).
 
-Every val image is scored exactly once on any number of processes (ALGORITHM.md §10, "Val sampling"): the val
+Every val image is scored exactly once on any number of processes (docs/algorithm.md §10, "Val sampling"): the val
 loader is prepared by Accelerate, which pads the last round of batches with duplicates so all processes take part;
 ``gather_for_metrics`` drops those duplicates again. Counts are gathered per image as (B, C) rows and summed only
 afterwards, which is what makes the duplicate removal possible.

@@ -1,6 +1,6 @@
-"""The iMAS method as pure tensor functions (ALGORITHM.md §2, §3 steps 3-8, §6.2).
+"""The iMAS method as pure tensor functions (docs/algorithm.md §2, §3 steps 3-8, §6.2).
 
-Glossary (ALGORITHM.md §1):
+Glossary (docs/algorithm.md §1):
 
 * Suffixes: ``_l`` labeled, ``_u`` unlabeled, ``_w`` weak view, ``_s`` strong-intensity view (or *student* when it
   follows ``conf``/``labels``/``ratio``), ``_t`` teacher, ``_cm`` CutMix branch, ``_mix`` intensity-mixed branch.
@@ -10,7 +10,8 @@ Glossary (ALGORITHM.md §1):
   (``pseudo_label``, ``pseudo_conf``) always come from the **teacher**.
 * ``ratio_*``: confident ratio rho = mean over pixels of 1[conf >= threshold], (B,).
 * ``easiness``: e = 1 - gamma, (B,), in [0, 1], large for *easy* images (teacher and student agree confidently).
-  The paper's "hardness" gamma is never stored; the reference code's ``hardness`` variables hold e (ALGORITHM.md §0).
+  The paper's "hardness" gamma is never stored; the reference code's ``hardness`` variables hold e
+  (docs/algorithm.md §0).
 * ``partners``: (B,) int64; image i receives CutMix content from image ``partners[i]``.
 
 The CutMix box and the paste live in `imas_train.mixing` with the other methods' mixing blocks.
@@ -46,7 +47,7 @@ __all__ = [
 
 @torch.no_grad()
 def class_weighted_iou(pred: Tensor, ref: Tensor, num_classes: int, ignore_class0: bool = True) -> Tensor:
-    """Per-instance IoU averaged over classes with weights from the class frequencies of `ref` (ALGORITHM.md §2).
+    """Per-instance IoU averaged over classes with weights from the class frequencies of `ref` (docs/algorithm.md §2).
 
     IoU_c = M_cc / (|ref == c| + |pred == c| - M_cc) is symmetric; only the weights n_c / sum_k n_k, where n_c is the
     number of class-c pixels in `ref`, depend on which map is the reference. With `ignore_class0`, n_0 = 0. When every
@@ -223,7 +224,7 @@ def unsupervised_loss(
     weight: Tensor | None = None,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """l = (1/B) sum_i w_i (1/(H W)) sum_j 1[conf_ij >= tau] CE(s_ij, y_ij)  (ALGORITHM.md §6.2).
+    """l = (1/B) sum_i w_i (1/(H W)) sum_j 1[conf_ij >= tau] CE(s_ij, y_ij)  (docs/algorithm.md §6.2).
 
     The normaliser is all H*W pixels: masked pixels count as zeros, not as ignored.
 

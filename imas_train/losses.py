@@ -1,4 +1,4 @@
-"""Supervised losses (ALGORITHM.md §6.1): plain cross-entropy (VOC) and OHEM cross-entropy (Cityscapes).
+"""Supervised losses (docs/algorithm.md §6.1): plain cross-entropy (VOC) and OHEM cross-entropy (Cityscapes).
 
 Both compute in float32 whatever the logits' dtype, ignore label 255, and return 0 (still attached to the graph)
 when no pixel is left, instead of the NaN of an empty mean.

@@ -1,7 +1,7 @@
 """Per-image intersection and union on the device (torch). Reduce the summed counts with `imas_core.scores.miou`.
 
 Per-image rows (rather than one running confusion matrix) let Accelerate's ``gather_for_metrics`` drop the padded
-duplicates of the last batch, so every val image is scored exactly once (ALGORITHM.md §10).
+duplicates of the last batch, so every val image is scored exactly once (docs/algorithm.md §10).
 """
 
 from __future__ import annotations

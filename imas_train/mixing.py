@@ -1,6 +1,6 @@
 """Mixing blocks of every method: the CutMix boxes of iMAS, U2PL, CPS and Dual Teacher, ClassMix, and the pastes.
 
-Specs: ALGORITHM.md §3 step 5 (iMAS); ``shared/methods/U2PL.md``, ``CPS.md``, ``DualTeacher.md`` (``README.md`` §4
+Specs: docs/algorithm.md §3 step 5 (iMAS); ``shared/methods/U2PL.md``, ``CPS.md``, ``DualTeacher.md`` (``README.md`` §4
 lists these blocks).
 Conventions are those of ``imas_train/imas.py``:
 
@@ -356,7 +356,7 @@ def _check_mask(mask: Tensor, like: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# iMAS (ALGORITHM.md §3 step 5)
+# iMAS (docs/algorithm.md §3 step 5)
 
 
 def random_partners(batch_size: int, generator: torch.Generator, device: torch.device | str | None = None) -> Tensor:
@@ -376,7 +376,7 @@ def sample_cutmix_boxes(
     side_range: tuple[float, float] = (0.1, 0.9),
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One CutMix box per image (ALGORITHM.md §3 step 5).
+    """One CutMix box per image (docs/algorithm.md §3 step 5).
 
     One side ratio v ~ U(lo, hi) for the whole batch gives sides s_h = floor(H v), s_w = floor(W v). Each image draws
     a centre r uniform in {floor(H/16), ..., H-1} and c uniform in {floor(W/16), ..., W-1}; its box is rows

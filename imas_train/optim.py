@@ -1,4 +1,4 @@
-"""SGD parameter groups and the per-iteration poly learning-rate schedule (ALGORITHM.md §3 step 0, §7)."""
+"""SGD parameter groups and the per-iteration poly learning-rate schedule (docs/algorithm.md §3 step 0, §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sliding-window prediction of full images with a torch model (ALGORITHM.md §8); geometry from `imas_core.tiling`.
+"""Sliding-window prediction of full images with a torch model (docs/algorithm.md §8); geometry from `imas_core.tiling`.
 
 Protocols:
 * ``imas`` (the reference): windows at 0, stride, 2*stride, ... truncated at the border and fed at their own size;

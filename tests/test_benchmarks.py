@@ -55,7 +55,7 @@ def test_train_step_smoke(tmp_path: Path) -> None:
     rows = {r["variant"]: r for r in payload["results"]}
     assert set(rows) == {"supervised", "imas_faithful", "imas_fast", "u2pl", "cps"}
     assert rows["imas_faithful"]["cutmix_fired_fraction"] == 1.0 == rows["imas_fast"]["cutmix_fired_fraction"]
-    # the FLOP counts follow the arithmetic of ALGORITHM.md §11.5 (14 and 11 vs 3 forward-equivalents, ± aux head)
+    # the FLOP counts follow the arithmetic of docs/algorithm.md §11.5 (14 and 11 vs 3 forward-equivalents, ± aux head)
     assert 4.2 < rows["imas_faithful"]["flop_ratio"] < 5.1
     assert 3.2 < rows["imas_fast"]["flop_ratio"] < 4.1
     assert 4.6 < rows["cps"]["flop_ratio"] < 5.6  # 16 vs 3 forward-equivalents (shared/methods/README.md §2)

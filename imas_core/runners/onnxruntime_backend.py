@@ -42,7 +42,9 @@ def import_onnxruntime() -> Any:
     try:
         import onnxruntime as ort  # optional: the [infer] extra
     except ImportError as err:
-        raise InferError("onnxruntime is not installed; pip install 'imas[infer]' (onnxruntime-gpu)") from err
+        raise InferError(
+            'onnxruntime is not installed; pip install -e ".[infer]" in the imas checkout (onnxruntime-gpu)'
+        ) from err
     return ort
 
 

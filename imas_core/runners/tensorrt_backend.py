@@ -31,7 +31,7 @@ from imas_core.runners.base import Backend, check_class_count, info_from_exporte
 from imas_core.runtime import import_cudart, import_tensorrt, parse_compute_capability, parse_version
 
 TENSORRT_ADVICE = (
-    "install it on the GPU host (pip install 'imas[trt]', or JetPack's wheel on a Jetson), "
+    'install it on the GPU host (pip install -e ".[trt]" in the imas checkout, or JetPack\'s wheel on a Jetson), '
     "or run the ONNX model with --backend ort-cuda / ort-cpu"
 )
 MIN_TENSORRT = (10, 0)  # the named-tensor API (num_io_tensors, set_tensor_address, execute_async_v3)

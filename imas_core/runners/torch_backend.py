@@ -37,8 +37,8 @@ def _import_torch() -> Any:
         import torch  # optional: the workstation install
     except ImportError as err:
         raise InferError(
-            "--backend torch needs PyTorch (pip install 'imas[workstation]'); export the teacher to "
-            "ONNX to run without it"
+            '--backend torch needs PyTorch (pip install -e ".[workstation]" in the imas checkout); '
+            "export the teacher to ONNX to run without it"
         ) from err
     return torch
 

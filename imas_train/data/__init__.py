@@ -1,4 +1,4 @@
-"""Datasets, split lists, deterministic training streams and the data check (ALGORITHM.md §5).
+"""Datasets, split lists, deterministic training streams and the data check (docs/algorithm.md §5).
 
 Per epoch the trainer builds one loader per stream; both have exactly L batches, so they zip::
 

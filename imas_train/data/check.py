@@ -139,15 +139,27 @@ def _read_split(
     return samples
 
 
-def check_data(cfg: DataConfig, num_classes: int, *, max_workers: int = 4) -> DataReport:
+def check_data(
+    cfg: DataConfig, num_classes: int, *, pretrained: Path | None = None, max_workers: int = 4
+) -> DataReport:
     """Validate the configured dataset; returns every problem found (an empty list means ready to train).
 
     Args:
         cfg: the data section of the experiment.
         num_classes: model.num_classes.
+        pretrained: model.pretrained, the backbone file training will read (None: trained from scratch).
         max_workers: threads decoding files (Pillow releases the GIL while decoding).
     """
     report = DataReport()
+    if pretrained is not None and not Path(pretrained).is_file():
+        report.problems.append(
+            Problem(
+                str(pretrained),
+                "missing",
+                "model.pretrained: backbone weight file not found (nothing is downloaded: put an ImageNet file "
+                "there, or set model.pretrained to null to train from scratch)",
+            )
+        )
     try:
         class_info(cfg, num_classes)
         resolver = Resolver(cfg, num_classes) if cfg.dataset != "demo" else None

@@ -42,7 +42,7 @@ class LabeledDataset(Dataset[dict[str, torch.Tensor]]):
 
 class UnlabeledDataset(Dataset[dict[str, torch.Tensor]]):
     """Items `{"image_w", "image_s": uint8 (3, H, W) RGB, pixel-aligned; "valid": bool (H, W), False on
-    padding; "index": int}`. image_s is A_s^I applied to image_w's crop (ALGORITHM.md §5.4)."""
+    padding; "index": int}`. image_s is A_s^I applied to image_w's crop (docs/algorithm.md §5.4)."""
 
     def __init__(self, source: Source, weak: WeakAugment, num_strong_ops: int = 2) -> None:
         self.source = source

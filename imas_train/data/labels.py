@@ -2,7 +2,7 @@
 
 A label PNG must be single-channel: mode L (grey) or P (palette), or 1 (binary). `np.array` on a palette image
 returns its indices; `convert("L")` would turn palette colours into luminance and corrupt every label
-(ALGORITHM.md §5.1), so nothing here converts a label's mode.
+(docs/algorithm.md §5.1), so nothing here converts a label's mode.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def index_rule(num_classes: int) -> LabelRule:
 
 
 def cityscapes_label_ids_rule() -> LabelRule:
-    """Cityscapes labelIds -> trainIds; every unlisted id becomes 255 (ALGORITHM.md §5.1)."""
+    """Cityscapes labelIds -> trainIds; every unlisted id becomes 255 (docs/algorithm.md §5.1)."""
     return LabelRule("cityscapes_label_ids", np.array(cityscapes_label_to_train_table(IGNORE_INDEX), np.int16), "")
 
 

@@ -1,4 +1,4 @@
-"""Split lists: parsing, deterministic labeled/unlabeled partitions, writing, checksums (ALGORITHM.md §5.2).
+"""Split lists: parsing, deterministic labeled/unlabeled partitions, writing, checksums (docs/algorithm.md §5.2).
 
 Formats of the public semi-supervised segmentation codebases, one entry per line:
 * one token: a VOC id (`2007_000032`), a bare file stem (folder datasets) or an image path relative to the data

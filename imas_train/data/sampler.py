@@ -1,4 +1,4 @@
-"""Deterministic distributed training streams (ALGORITHM.md §5.5 and §10 "Artefacts we must NOT reproduce").
+"""Deterministic distributed training streams (docs/algorithm.md §5.5 and §10 "Artefacts we must NOT reproduce").
 
 Per epoch, a stream's GLOBAL order is a seeded function of (run seed, stream, epoch): fresh permutations of the
 dataset concatenated and truncated to `length` (for the unlabeled stream, length = N_u is one permutation; for the
@@ -169,7 +169,7 @@ def make_val_loader(
     dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
     """Sequential val loader over every image once, no drop_last. Under Accelerate, `prepare` it and reduce with
-    `gather_for_metrics`, which drops the padding duplicates (ALGORITHM.md §10)."""
+    `gather_for_metrics`, which drops the padding duplicates (docs/algorithm.md §10)."""
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers, pin_memory=pin_memory
     )

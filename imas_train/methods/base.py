@@ -122,7 +122,7 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The CPU generator of one iteration's draws (CutMix trigger, boxes, partners, ...).
 
     Seeded from (run seed, process rank, global iteration) only, so a resumed run reproduces every draw without
-    saved RNG state, and ranks draw independently (ALGORITHM.md §10, "Seeding").
+    saved RNG state, and ranks draw independently (docs/algorithm.md §10, "Seeding").
     """
     state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -1,11 +1,11 @@
 """``method: imas``: iMAS, a mean teacher whose per-image easiness drives augmentation, CutMix and loss weights.
 
-One iteration (ALGORITHM.md §3 steps 3-8) is composed from the pure functions of `imas_train.imas` and
+One iteration (docs/algorithm.md §3 steps 3-8) is composed from the pure functions of `imas_train.imas` and
 `imas_train.mixing`; `ImasMethod` adds the EMA teacher (decay 0 throughout the supervised-only epochs and epoch 0,
 then min(1 - 1/(i + 1), alpha); buffers EMA'd; teacher in eval mode), the L_x-only warm-up epochs
 (``imas.sup_only_epochs``), and the per-image easiness records.
 
-Vocabulary (ALGORITHM.md §1): ``_l`` labeled, ``_u`` unlabeled, ``_w`` weak, ``_s`` strong or student, ``_t``
+Vocabulary (docs/algorithm.md §1): ``_l`` labeled, ``_u`` unlabeled, ``_w`` weak, ``_s`` strong or student, ``_t``
 teacher, ``_cm`` CutMix branch, ``_mix`` intensity-mixed branch; ``easiness`` is e = 1 - gamma (large = easy).
 """
 
@@ -71,7 +71,7 @@ def imas_step(
     aux_labeled_only: bool,
     autocast: Autocast = nullcontext,
 ) -> dict[str, Tensor]:
-    """Forward and losses of one iMAS iteration (ALGORITHM.md §3 steps 3-8); no backward, no optimizer step.
+    """Forward and losses of one iMAS iteration (docs/algorithm.md §3 steps 3-8); no backward, no optimizer step.
 
     Args:
         student: a `StudentForward` (possibly prepared), in train mode; left in train mode.
@@ -151,7 +151,7 @@ def imas_step(
 
 
 class ImasMethod(Method):
-    """iMAS (ALGORITHM.md): student + EMA teacher; the teacher is evaluated first, model-selected and exported."""
+    """iMAS (docs/algorithm.md): student + EMA teacher; the teacher is evaluated first, model-selected and exported."""
 
     name: ClassVar[str] = "imas"
     uses_unlabeled: ClassVar[bool] = True

@@ -19,7 +19,7 @@ __all__ = ["SupervisedMethod", "labeled_loss", "supervised_loss", "supervised_st
 
 
 def supervised_loss(logits: Tensor, target: Tensor, loss: LossConfig) -> Tensor:
-    """OHEM or plain cross-entropy (ALGORITHM.md §6.1), in float32."""
+    """OHEM or plain cross-entropy (docs/algorithm.md §6.1), in float32."""
     if loss.supervised == "ohem":
         return ohem_cross_entropy(logits, target, thresh=loss.ohem_thresh, min_kept=loss.ohem_min_kept)
     return cross_entropy(logits, target)

@@ -1,4 +1,4 @@
-"""DeepLabV3+ on a dilated ResNet, built from a ModelConfig (ALGORITHM.md §4)."""
+"""DeepLabV3+ on a dilated ResNet, built from a ModelConfig (docs/algorithm.md §4)."""
 
 from __future__ import annotations
 

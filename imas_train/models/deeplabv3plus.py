@@ -1,4 +1,4 @@
-"""DeepLabV3+ decoder and optional auxiliary head on a dilated ResNet (ALGORITHM.md §4).
+"""DeepLabV3+ decoder and optional auxiliary head on a dilated ResNet (docs/algorithm.md §4).
 
 Every bilinear resize uses ``align_corners=True`` (ASPP pooling branch, decoder upsample, final upsample), which
 ONNX exports as ``Resize`` with ``coordinate_transformation_mode=align_corners``. The decoder and the aux head keep
@@ -6,7 +6,8 @@ PyTorch's default initialisation.
 
 Two decoder variants (``model.decoder``):
 
-* ``imas`` (ALGORITHM.md §4): 1x1 ASPP projection, no dropout, classifier on the 304-ch concat, aux 3x3 without bias.
+* ``imas`` (docs/algorithm.md §4): 1x1 ASPP projection, no dropout, classifier on the 304-ch concat, aux 3x3 without
+  bias.
 * ``u2pl`` (shared/methods/U2PL.md §5): 3x3 ASPP projection + Dropout2d(0.1); classifier convs with bias, each followed
   by Dropout2d(0.1); aux 3x3 with bias + Dropout2d(0.1). The low-level width is ``low_level_channels`` (256 there).
 

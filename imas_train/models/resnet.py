@@ -1,4 +1,5 @@
-"""Dilated ResNet encoder in plain torch, with torchvision's state_dict names (ALGORITHM.md §4, docs/style.md §4.3).
+"""Dilated ResNet encoder in plain torch, with torchvision's state_dict names
+(docs/algorithm.md §4, docs/style.md §4.3).
 
 Two stems:
 * ``deep`` (faithful): three 3x3 convs in an ``nn.Sequential`` named ``conv1`` (ReLUs in slots 2 and 5, so the keys

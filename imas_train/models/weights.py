@@ -1,4 +1,4 @@
-"""Strict loading of a local ImageNet weight file into the ResNet encoder (ALGORITHM.md §4, docs/style.md §4.3).
+"""Strict loading of a local ImageNet weight file into the ResNet encoder (docs/algorithm.md §4, docs/style.md §4.3).
 
 Nothing is ever downloaded. ``.safetensors`` files are read with safetensors; anything else with
 ``torch.load(..., weights_only=True)``, never with unrestricted pickle. Only ``fc.*`` may be left over, and only the

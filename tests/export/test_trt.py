@@ -117,7 +117,7 @@ def test_trt_without_tensorrt_says_so_and_exits_4(
     engine = onnx_path.with_suffix(".engine")
     assert main(["trt", "--onnx", str(onnx_path), "--output", str(engine)]) == EXIT_UNAVAILABLE == 4
     err = capsys.readouterr().err
-    assert err.startswith("imas-export: error: TensorRT is not installed; pip install 'imas[trt]'")
+    assert err.startswith('imas-export: error: TensorRT is not installed; pip install -e ".[trt]" in the imas checkout')
     assert f"trtexec --onnx={onnx_path}" in err and "--minShapes=image:1x3x65x97" in err
     assert not engine.exists()
 

@@ -76,3 +76,37 @@ def test_make_splits_writes_nested_lists(tmp_path: Path, capsys: pytest.CaptureF
     assert len((tmp_path / "splits" / "6" / "unlabeled.txt").read_text().split()) == 26
     assert "sha256" in capsys.readouterr().out
     assert main(["make-splits", "--list", str(listing), "--out", str(tmp_path / "x"), "--fractions", "2.5"]) == 2
+
+
+def test_a_set_typo_is_blamed_on_the_set_not_the_file(capsys: pytest.CaptureFixture[str]) -> None:
+    config = REPO / "configs" / "demo.yaml"
+    assert main(["--config", str(config), "--set", "optim.epochs=2", "optim.lrr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set optim.lrr=0.1: " in err and "did you mean 'lr'" in err and str(config) not in err
+    assert main(["--config", str(config), "--set", "optim.lr=-1"]) == 2
+    assert "--set optim.lr=-1: " in capsys.readouterr().err
+    assert main(["--config", str(config), "--set", "optim.lr=["]) == 2
+    assert capsys.readouterr().err.startswith("imas-train: error: --set optim.lr=[: the value is not valid YAML")
+
+
+def test_a_typo_in_the_file_is_still_blamed_on_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["optim"]["lrr"] = raw["optim"].pop("lr")
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(config), "--set", "optim.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: optim: unknown key 'lrr'" in err and "--set" not in err
+
+
+def test_make_splits_errors_name_its_own_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-splits", "--list", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--list: file not found" in err and "config" not in err
+
+
+def test_check_data_names_a_missing_pretrained_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = tmp_path / "resnet18.pth"
+    config = str(REPO / "configs" / "demo.yaml")
+    assert main(["check-data", "--config", config, "--set", f"model.pretrained={weights}"]) == 3
+    assert f"{weights}: model.pretrained: backbone weight file not found" in capsys.readouterr().out

@@ -64,4 +64,4 @@ def test_out_of_range_values_are_refused_by_name(override: str, message: str) ->
 def test_a_negative_lr_ends_in_one_line_with_exit_code_2(capsys: pytest.CaptureFixture) -> None:
     assert main(["--config", str(DEMO), "--set", "optim.lr=-1e-3"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "imas-train: error: optim.lr must be a finite number > 0, got -0.001"
+    assert err.strip() == "imas-train: error: --set optim.lr=-1e-3: optim.lr must be a finite number > 0, got -0.001"

@@ -93,3 +93,16 @@ def test_config_and_missing_list_problems(tmp_path: Path) -> None:
 def test_demo_check() -> None:
     report = check_data(data_config("demo", None), 5)
     assert report.ok and report.counts == {"labeled": 24, "unlabeled": 192, "val": 24}
+
+
+def test_a_missing_pretrained_file_is_a_problem(tmp_path: Path) -> None:
+    _folder(tmp_path)
+    cfg = _cfg(tmp_path, ["im0"], ["im2"], ["im4"])
+    assert check_data(cfg, 3, pretrained=None, max_workers=1).ok
+    weights = tmp_path / "pretrained" / "resnet50.pth"
+    report = check_data(cfg, 3, pretrained=weights, max_workers=1)
+    assert not report.ok and report.problems[0].path == str(weights)
+    assert "model.pretrained" in report.format() and "null" in report.format()
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    assert check_data(cfg, 3, pretrained=weights, max_workers=1).ok

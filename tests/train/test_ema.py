@@ -1,4 +1,4 @@
-"""EMA teacher and its decay schedule (ALGORITHM.md §3 step 10)."""
+"""EMA teacher and its decay schedule (docs/algorithm.md §3 step 10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The iMAS math (ALGORITHM.md §2, §3, §6.2): hand-computed cases and slow per-image numpy oracles."""
+"""The iMAS math (docs/algorithm.md §2, §3, §6.2): hand-computed cases and slow per-image numpy oracles."""
 
 from __future__ import annotations
 
@@ -318,7 +318,7 @@ def test_cutmix_boxes_seeded_and_mean_area() -> None:
         boxes = sample_cutmix_boxes(4, 769, 769, generator=gen)
         areas.append(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).double() / 769**2)
     mean_area = float(torch.cat(areas).mean())
-    assert abs(mean_area - 0.22) < 0.02  # ALGORITHM.md §3 step 5: about 22% mixed area at 769²
+    assert abs(mean_area - 0.22) < 0.02  # docs/algorithm.md §3 step 5: about 22% mixed area at 769²
 
 
 def test_paste_cutmix_matches_loop_and_leaves_inputs() -> None:

@@ -1,4 +1,4 @@
-"""Supervised losses (ALGORITHM.md §6.1): CE and OHEM against slow, sort-based oracles."""
+"""Supervised losses (docs/algorithm.md §6.1): CE and OHEM against slow, sort-based oracles."""
 
 from __future__ import annotations
 

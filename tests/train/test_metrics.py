@@ -1,4 +1,4 @@
-"""Per-image intersection/union in torch and numpy, and the shared mIoU reduction (ALGORITHM.md §8)."""
+"""Per-image intersection/union in torch and numpy, and the shared mIoU reduction (docs/algorithm.md §8)."""
 
 from __future__ import annotations
 

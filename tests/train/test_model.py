@@ -1,4 +1,4 @@
-"""DeepLabV3+ / dilated ResNet: shapes, strides, dilations, state-dict names (ALGORITHM.md §4, docs/style.md §4.3)."""
+"""DeepLabV3+ / dilated ResNet: shapes, strides, dilations, state-dict names (docs/algorithm.md §4, style §4.3)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_feature_strides_standard_stem_64px(output_stride: int, sides: list[int]
 
 
 def test_deep_stem_ceil_mode_gives_one_more_row_on_even_input() -> None:
-    """ALGORITHM.md §4: a 512-px window gives 129 vs 128 after the pool; at 64 px it is 17 vs 16."""
+    """docs/algorithm.md §4: a 512-px window gives 129 vs 128 after the pool; at 64 px it is 17 vs 16."""
     deep = ResNet(depth=50, stem="deep", **TINY).eval()
     standard = ResNet(depth=50, stem="standard", **TINY).eval()
     x = torch.randn(1, 3, 64, 65)
@@ -170,7 +170,7 @@ def test_decoder_layout_and_biases() -> None:
 
 
 def test_aspp_and_aux_head_layout() -> None:
-    """ALGORITHM.md §4: five bias-free conv-BN-ReLU ASPP branches fused by a bias-free 1x1; aux head on x3 is
+    """docs/algorithm.md §4: five bias-free conv-BN-ReLU ASPP branches fused by a bias-free 1x1; aux head on x3 is
     3x3 (no bias) - BN - ReLU - 1x1 (bias)."""
     model = build_model(_tiny_cfg())
     c4, c3 = model.backbone.channels[3], model.backbone.channels[2]
@@ -192,7 +192,7 @@ def test_aspp_and_aux_head_layout() -> None:
 
 
 def test_init_kaiming_fan_out_backbone_and_default_decoder() -> None:
-    """ALGORITHM.md §4: backbone convs Kaiming-normal (fan_out), BN gamma 1 / beta 0; decoder keeps torch defaults."""
+    """docs/algorithm.md §4: backbone convs Kaiming-normal (fan_out), BN gamma 1 / beta 0; decoder: torch defaults."""
     torch.manual_seed(0)
     model = build_model(_tiny_cfg())
     conv = model.backbone.layer4[0].conv2  # (128, 128, 3, 3): enough samples for a 5% std check

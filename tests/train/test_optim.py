@@ -1,4 +1,4 @@
-"""Poly LR schedule, parameter groups and LR scaling rules (ALGORITHM.md §3 step 0, §7)."""
+"""Poly LR schedule, parameter groups and LR scaling rules (docs/algorithm.md §3 step 0, §7)."""
 
 from __future__ import annotations
 

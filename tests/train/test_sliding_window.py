@@ -1,4 +1,4 @@
-"""Sliding-window prediction (ALGORITHM.md §8) with pointwise fake models, whose stitched output must equal a
+"""Sliding-window prediction (docs/algorithm.md §8) with pointwise fake models, whose stitched output must equal a
 whole-image forward."""
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def test_pseudo_labels_come_from_the_teacher(nets) -> None:
     _, pseudo_s = confidence_and_labels(logits_s)
     assert not torch.equal(pseudo_t, pseudo_s)  # the two models disagree, so the check below is meaningful
 
-    def by_hand(pseudo: torch.Tensor) -> torch.Tensor:  # ALGORITHM.md §6.2, written out
+    def by_hand(pseudo: torch.Tensor) -> torch.Tensor:  # docs/algorithm.md §6.2, written out
         ce = F.cross_entropy(logits[-B:].float(), pseudo, reduction="none")
         per_image = (ce * (conf_t >= NEVER.tau)).sum((1, 2)) / (H * W)
         return (per_image * e).mean()
@@ -158,7 +158,7 @@ def test_step_generator_is_a_pure_function_of_seed_rank_step() -> None:
 
 @pytest.mark.parametrize("forward_unused_weak", [True, False])
 def test_cutmix_cuts_from_the_weak_images(nets, forward_unused_weak: bool) -> None:
-    """The CutMix branch pastes weak views u_w (ALGORITHM.md §3 step 5), never the strong or intensity-mixed one.
+    """The CutMix branch pastes weak views u_w (docs/algorithm.md §3 step 5), never the strong or intensity-mixed one.
 
     The strong views are shifted far away from the weak ones, so any strong pixel in u_cm would show; every u_cm
     pixel must equal the weak pixel of the image itself or of its partner at the same position, and both sources

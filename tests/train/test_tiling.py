@@ -1,4 +1,4 @@
-"""Window geometry of both protocols (ALGORITHM.md §8)."""
+"""Window geometry of both protocols (docs/algorithm.md §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Backbone state-dict names and strict loading of local weight files (ALGORITHM.md §4, docs/style.md §4.3)."""
+"""Backbone state-dict names and strict loading of local weight files (docs/algorithm.md §4, docs/style.md §4.3)."""
 
 from __future__ import annotations
 

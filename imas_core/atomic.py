@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "FolderIsAFile",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "fsync_dir",
     "fsync_tree",
+    "probe_writable",
     "sha256_file",
     "stale_temporaries",
     "umask",
@@ -110,6 +112,27 @@ def atomic_write_text(path: Path | str, text: str, *, fsync: bool = True) -> Non
 def atomic_write_json(path: Path | str, obj: Any, *, fsync: bool = True) -> None:
     """`atomic_write_text` of indented JSON with a final newline."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", fsync=fsync)
+
+
+class FolderIsAFile(OSError):
+    """`probe_writable`: the folder to write into is an existing file."""
+
+
+def probe_writable(folder: Path | str) -> None:
+    """Create `folder` if needed and prove it writable by creating and removing a file in it (permission bits say
+    nothing for root, read-only mounts or full quotas).
+
+    Raises:
+        FolderIsAFile: `folder` is an existing file.
+        OSError: the folder cannot be created (e.g. under a file) or refuses a new file.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FolderIsAFile(f"{folder} is an existing file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def fsync_dir(directory: Path | str) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import glob
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from imas_core import images
-from imas_core.atomic import atomic_write
+from imas_core.atomic import FolderIsAFile, atomic_write, probe_writable
 from imas_core.errors import InferError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -116,13 +115,10 @@ def check_output_folder(folder: Path, what: str = "--output") -> None:
     Raises:
         InferError: `folder` is an existing file, cannot be created, or refuses a new file (the OS reason named).
     """
-    if folder.exists() and not folder.is_dir():
-        raise InferError(f"{what} {folder} is an existing file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
+    except FolderIsAFile as err:
+        raise InferError(f"{what} {folder} is an existing file, not a folder") from err
     except OSError as err:
         raise InferError(f"{what} {folder} is not writable: {err.strerror or err}") from err
 

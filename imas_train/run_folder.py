@@ -25,14 +25,13 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from imas_core.atomic import stale_temporaries
+from imas_core.atomic import FolderIsAFile, probe_writable, stale_temporaries
 from imas_core.errors import TrainingError
 
 __all__ = [
@@ -71,13 +70,12 @@ def check_writable(folder: Path) -> None:
     Raises:
         TrainingError: `folder` is a file, cannot be created, or refuses a new file; the OS reason is named.
     """
-    if folder.exists() and not folder.is_dir():
-        raise TrainingError(f"run folder {folder} is an existing file, not a folder; choose another run.output_dir")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
+    except FolderIsAFile as err:
+        raise TrainingError(
+            f"run folder {folder} is an existing file, not a folder; choose another run.output_dir"
+        ) from err
     except OSError as err:
         raise TrainingError(f"run folder {folder} is not writable: {err.strerror or err}") from err
 

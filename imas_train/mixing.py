@@ -210,6 +210,20 @@ def sample_cps_boxes(
     return torch.stack([y0, y0 + h, x0, x0 + w], dim=2).long()
 
 
+def _centred_boxes(rows: Tensor, cols: Tensor, half_h: int, half_w: int, height: int, width: int) -> Tensor:
+    """(B, 4) int64 boxes (y0, y1, x0, x1) of half-sides `half_h`, `half_w` around centres (rows, cols), clipped to
+    the image: the box rule of iMAS and Dual Teacher, which differ only in how they draw sides and centres."""
+    return torch.stack(
+        [
+            (rows - half_h).clamp(0, height),
+            (rows + half_h).clamp(0, height),
+            (cols - half_w).clamp(0, width),
+            (cols + half_w).clamp(0, width),
+        ],
+        dim=1,
+    )
+
+
 def sample_beta_boxes(
     batch_size: int,
     height: int,
@@ -248,15 +262,7 @@ def sample_beta_boxes(
     half_h, half_w = math.floor(height * r) // 2, math.floor(width * r) // 2
     rows = torch.randint(height // 8, height, (batch_size,), generator=generator)
     cols = torch.randint(width // 8, width, (batch_size,), generator=generator)
-    return torch.stack(
-        [
-            (rows - half_h).clamp(0, height),
-            (rows + half_h).clamp(0, height),
-            (cols - half_w).clamp(0, width),
-            (cols + half_w).clamp(0, width),
-        ],
-        dim=1,
-    )
+    return _centred_boxes(rows, cols, half_h, half_w, height, width)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,15 +406,7 @@ def sample_cutmix_boxes(
     half_h, half_w = math.floor(height * v) // 2, math.floor(width * v) // 2
     rows = torch.randint(height // 16, height, (batch_size,), generator=generator)
     cols = torch.randint(width // 16, width, (batch_size,), generator=generator)
-    return torch.stack(
-        [
-            (rows - half_h).clamp(0, height),
-            (rows + half_h).clamp(0, height),
-            (cols - half_w).clamp(0, width),
-            (cols + half_w).clamp(0, width),
-        ],
-        dim=1,
-    )
+    return _centred_boxes(rows, cols, half_h, half_w, height, width)
 
 
 def paste_cutmix(

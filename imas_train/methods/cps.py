@@ -164,6 +164,22 @@ def no_decay_param_groups(model: nn.Module, groups: list[dict[str, Any]]) -> lis
 # One iteration
 
 
+def _step_outputs(
+    loss_sup_1: Tensor, loss_sup_2: Tensor, loss_cps: Tensor, pseudo_1: Tensor, pseudo_2: Tensor, cps: CpsConfig
+) -> dict[str, Tensor]:
+    """The total (scaled by 1/W_ref, §2.A items 8-9) and the logged values shared by both CPS variants."""
+    total = cps_total(loss_sup_1, loss_sup_2, loss_cps, cps_weight=cps.cps_weight,
+                      reference_world_size=cps.reference_world_size)  # fmt: skip
+    return {
+        "loss": total,
+        "loss_total": (loss_sup_1 + loss_sup_2 + cps.cps_weight * loss_cps).detach(),
+        "loss_sup_1": loss_sup_1.detach(),
+        "loss_sup_2": loss_sup_2.detach(),
+        "loss_cps": loss_cps.detach(),
+        "agreement": (pseudo_1 == pseudo_2).float().mean(),
+    }
+
+
 def cps_cutmix_step(
     net_1: nn.Module,
     net_2: nn.Module,
@@ -232,17 +248,9 @@ def cps_cutmix_step(
     loss_sup_2 = labeled_loss(logits_2_l, aux_2, label_l, loss)
 
     # 8-9. total, scaled by 1/W_ref
-    total = cps_total(loss_sup_1, loss_sup_2, loss_cps, cps_weight=cps.cps_weight,
-                      reference_world_size=cps.reference_world_size)  # fmt: skip
-    return {
-        "loss": total,
-        "loss_total": (loss_sup_1 + loss_sup_2 + cps.cps_weight * loss_cps).detach(),
-        "loss_sup_1": loss_sup_1.detach(),
-        "loss_sup_2": loss_sup_2.detach(),
-        "loss_cps": loss_cps.detach(),
-        "mix_fraction": mask.float().mean(),
-        "agreement": (pseudo_1 == pseudo_2).float().mean(),
-    }
+    out = _step_outputs(loss_sup_1, loss_sup_2, loss_cps, pseudo_1, pseudo_2, cps)
+    out["mix_fraction"] = mask.float().mean()
+    return out
 
 
 def cps_plain_step(
@@ -289,16 +297,7 @@ def cps_plain_step(
     loss_cps = cps_loss(logits_1, logits_2, pseudo_1, pseudo_2, valid)
     loss_sup_1 = labeled_loss(logits_1_l, aux_1, label_l, loss)
     loss_sup_2 = labeled_loss(logits_2_l, aux_2, label_l, loss)
-    total = cps_total(loss_sup_1, loss_sup_2, loss_cps, cps_weight=cps.cps_weight,
-                      reference_world_size=cps.reference_world_size)  # fmt: skip
-    return {
-        "loss": total,
-        "loss_total": (loss_sup_1 + loss_sup_2 + cps.cps_weight * loss_cps).detach(),
-        "loss_sup_1": loss_sup_1.detach(),
-        "loss_sup_2": loss_sup_2.detach(),
-        "loss_cps": loss_cps.detach(),
-        "agreement": (pseudo_1 == pseudo_2).float().mean(),
-    }
+    return _step_outputs(loss_sup_1, loss_sup_2, loss_cps, pseudo_1, pseudo_2, cps)
 
 
 # ---------------------------------------------------------------------------------------------------------------

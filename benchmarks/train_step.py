@@ -1,6 +1,6 @@
 """Training iteration cost of every method against a supervised-only step, same model and batch.
 
-Variants: supervised, iMAS faithful and fast, U2PL and CPS (the last two driven through their `Method` classes
+Variants: supervised, iMAS faithful and fast, U2PL, CPS and CCT (the last three driven through their `Method` classes
 exactly as the training loop drives them: `step`, backward, every optimizer's step, `after_optimizer_step`).
 
 One iteration = the step function of `imas_train.methods.imas` (forwards and losses), backward, SGD step and zero_grad,
@@ -19,7 +19,11 @@ firing:
 iMAS faithful 2 + 4x3 = 14 forward-equivalents, fast (forward_unused_weak=False) 2 + 3x3 = 11, U2PL 9, CPS 16,
 supervised 3: ratios 4.67, 3.67, 3.0 and 5.33 (the aux head, run on every student input, and U2PL's heavier decoder
 and representation head move them). U2PL fires CutMix every iteration here (``cutmix_prob=1``) and runs its
-contrastive loss with a memory bank filled during the warm-up iterations.
+contrastive loss with a memory bank filled during the warm-up iterations. CCT (the DeepLabV3+ port: 12 auxiliary
+decoders, abCE) is 6 forward-equivalents, ratio 2.0, plus its decoders' full-resolution outputs and the CPU contour
+pass of guided cutout. Dual Teacher is 2B no-grad teacher forwards + 3B student forwards with backward = 11
+forward-equivalents, ratio 3.67 (DualTeacher.md §8); its iterations alternate a CutMix epoch (teacher 1) and a
+ClassMix epoch (teacher 2), so the median covers both.
 
 Memory: each variant also runs alone in a fresh subprocess (``--memory-of VARIANT``) for its peak resident set size
 (CPU) or peak allocated memory (CUDA), a few iterations long.
@@ -58,7 +62,16 @@ from report import (
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from imas_train.config import CpsConfig, ImasConfig, LossConfig, TrainConfig, U2plConfig, load_config
+from imas_train.config import (
+    CctConfig,
+    CpsConfig,
+    DualTeacherConfig,
+    ImasConfig,
+    LossConfig,
+    TrainConfig,
+    U2plConfig,
+    load_config,
+)
 from imas_train.ema import EmaTeacher
 from imas_train.methods import build_method
 from imas_train.methods.base import StepContext, StudentForward, step_generator
@@ -67,9 +80,10 @@ from imas_train.methods.supervised import supervised_step
 from imas_train.models import build_model
 
 NAME = "train_step"
-VARIANTS = ("supervised", "imas_faithful", "imas_fast", "u2pl", "cps")
-ANCHOR_RATIO = {"supervised": 1.0, "imas_faithful": 14 / 3, "imas_fast": 11 / 3, "u2pl": 9 / 3, "cps": 16 / 3}
-METHOD_VARIANTS = ("u2pl", "cps")  # driven through their Method classes
+VARIANTS = ("supervised", "imas_faithful", "imas_fast", "u2pl", "cps", "cct", "dual_teacher")
+ANCHOR_RATIO = {"supervised": 1.0, "imas_faithful": 14 / 3, "imas_fast": 11 / 3, "u2pl": 9 / 3, "cps": 16 / 3,
+                "cct": 6 / 3, "dual_teacher": 11 / 3}  # fmt: skip
+METHOD_VARIANTS = ("u2pl", "cps", "cct", "dual_teacher")  # driven through their Method classes
 TARGET_RATIO = {"imas_faithful": 4.9, "imas_fast": 3.9}  # project targets: iMAS time / supervised time, at most
 
 
@@ -160,6 +174,10 @@ def method_config(args: argparse.Namespace, name: str) -> TrainConfig:
     if name == "u2pl":
         sections = {"u2pl": U2plConfig(sup_only_epochs=0, reference_world_size=8, cutmix_prob=1.0)}
         model = dataclasses.replace(model, decoder="u2pl", low_level_channels=model.aspp_channels)
+    elif name == "dual_teacher":
+        sections = {"dual_teacher": DualTeacherConfig()}  # the official settings, drop path 0.1 on the student
+    elif name == "cct":
+        sections = {"cct": CctConfig(reference_world_size=8)}  # the port's 12 decoders and abCE
     else:
         sections = {"cps": CpsConfig(cps_weight=5.0, reference_world_size=8)}
     return dataclasses.replace(base, method=name, model=model, loss=loss, **sections)
@@ -172,6 +190,7 @@ class MethodIteration:
         torch.manual_seed(0)
         self.method = build_method(cfg)
         networks = self.method.build_networks(lambda: build_model(self.method.model_config(cfg.model)).to(device))
+        networks = {k: m.to(device) for k, m in networks.items()}  # CCT's auxiliary decoders are built on the CPU
         self.method.setup_teachers(networks, torch.device(device))
         self.networks = networks
         self.forwards = {k: self.method.forward_adaptor(m).train() for k, m in networks.items()}
@@ -183,7 +202,9 @@ class MethodIteration:
 
     def __call__(self) -> None:
         self.step += 1
-        ctx = StepContext(self.step, 1, 10**6, 0, 1, self.device, step_generator(2, 0, self.step), self.autocast)
+        epoch = self.step % 2 if self.method.name == "dual_teacher" else 1  # Dual Teacher: CutMix, ClassMix epochs
+        step = epoch * 10**6 + self.step if self.method.name == "dual_teacher" else self.step  # i within the epoch
+        ctx = StepContext(step, epoch, 10**6, 0, 1, self.device, step_generator(2, 0, self.step), self.autocast)
         result = self.method.step(self.forwards, self.batches, ctx)
         result.loss.backward()
         for optimizer in self.optimizers:
@@ -385,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "time ratio = median iteration time / median supervised iteration time, same run, same model and batch",
         "FLOPs: FlopCounterMode over one whole iteration (no-grad easiness forwards, training forward, backward)",
-        "anchor ratio: 14/3, 11/3, 9/3 and 16/3 forward-equivalents"
+        "anchor ratio: 14/3, 11/3, 9/3, 16/3, 6/3 (CCT) and 11/3 (Dual Teacher) forward-equivalents"
         " (docs/algorithm.md §11.5, shared/methods/README.md §2),"
         " ignoring the aux head and U2PL's heavier decoder",
         "peak MiB: each variant alone in a fresh process (peak RSS on CPU, so it includes the interpreter and torch)",

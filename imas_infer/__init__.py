@@ -8,6 +8,10 @@ Python API (the CLI is a thin layer over it):
 
 The ONNX Runtime and TensorRT paths import only numpy, Pillow, `imas_core` and their runtime; torch is imported
 only by the torch runner, when it is chosen (docs/style.md §1).
+
+Larger jobs: `InferOptions(shard=(i, n))` keeps a deterministic 1/n of the inputs (`imas_infer.shard`),
+`resume=True` skips what the manifest in the output folder records as finished (`imas_infer.manifest`), and
+`imas_infer.ray_data.infer_ray(options, RayOptions(...))` runs the same pipeline on Ray Data (the `[ray]` extra).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from imas_core import __version__
 from imas_core.runners import open_backend
 from imas_infer.evaluate import EvalResult, Evaluator, match_ground_truth
 from imas_infer.image_io import check_output_folder, discover_inputs
+from imas_infer.manifest import Journal, input_size, new_run_id, run_key, select_inputs
 from imas_infer.options import InferOptions, RunSettings, resolve_settings
 from imas_infer.pipeline import OutputSpec, SyntheticItem, run_pipeline
 from imas_infer.report import RunSummary, benchmark_model, model_benchmark_dict, write_report
@@ -93,6 +98,8 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
             assert options.input is not None
             _, items = discover_inputs(options.input)
             ev.stage(f"inputs: {len(items)} images from {options.input}")
+        key = run_key(options, settings) if options.output is not None and options.synthetic is None else None
+        items, selection = select_inputs(items, options, key, ev.stage)
         evaluator = None
         if options.gt is not None:
             gt_paths = match_ground_truth(items, options.gt, options.gt_suffix)
@@ -108,7 +115,10 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
             },
             "settings": _jsonable(dataclasses.asdict(settings)),
             "options": _jsonable(dataclasses.asdict(options)),
+            **selection,
         }
+        if key is not None:
+            report["model"]["sha256"] = key["model_sha256"]
         if options.benchmark:
             batch, window, seconds = benchmark_model(
                 be, settings, iterations=options.benchmark_iters, warmup=options.warmup
@@ -122,6 +132,7 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
             )
         outputs = OutputSpec(options.output, tuple(options.save), be.info.palette, options.overlay_alpha)
         ev.start(len(items))
+        journal = Journal(options.output, key, new_run_id(), options.save) if key is not None else None
         summary = run_pipeline(
             be,
             settings,
@@ -135,7 +146,10 @@ def infer(options: InferOptions, events: InferEvents | None = None) -> InferResu
             on_error=ev.error,
             on_notice=ev.notice,
             exif_orientation=options.exif_orientation,
+            on_written=(lambda item: journal.record(item.rel, input_size(item))) if journal is not None else None,
         )
+        if journal is not None:
+            journal.close()
         class_names = be.info.class_names
     report.update(summary.to_dict())
     evaluation = evaluator.result() if evaluator is not None else None

@@ -109,7 +109,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=20, help="timed model-only iterations (default 20)")
     b.add_argument("--warmup", type=int, default=3, help="warm-up iterations (default 3)")
     b.add_argument("--synthetic", nargs=2, metavar=("N", "HxW"), help="benchmark on N random HxW images")
+    j = p.add_argument_group("large jobs (README: Inference on a Ray cluster)")
+    j.add_argument(
+        "--shard", type=_shard, metavar="I/N",
+        help="process only shard I of N (0 <= I < N), a deterministic split by input path: one per Slurm array "
+        "task or Kubernetes indexed job; implies --resume",
+    )  # fmt: skip
+    j.add_argument(
+        "--resume", action=argparse.BooleanOptionalAction, default=None,
+        help="skip inputs the manifest in --output records as finished with this model and these settings "
+        "(default: on with --shard and --ray, off otherwise)",
+    )  # fmt: skip
+    j.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="run on Ray Data: a running cluster's address (auto, ray://host:10001), or none for RAY_ADDRESS or a "
+        "new local cluster; --input may then be a URI (s3://, gs://, file://)",
+    )  # fmt: skip
+    j.add_argument("--ray-actors", type=int, help="segmentation actors (default: one per GPU, else per CPU group)")
+    j.add_argument("--ray-gpus-per-actor", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    j.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
+    j.add_argument("--ray-images-per-call", type=int, default=8, help="images per actor call (default 8)")
+    j.add_argument("--ray-decode-cpus", type=float, default=1.0, help="CPUs per decoding task (default 1)")
+    j.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray cluster started when no address is given")
     return p
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from imas_core.errors import InferError
+    from imas_infer.shard import parse_shard
+
+    try:
+        return parse_shard(text)
+    except InferError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> InferOptions:
@@ -149,6 +181,8 @@ def options_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         warmup=args.warmup,
         synthetic=synthetic,  # type: ignore[arg-type]
         progress=not args.no_progress,
+        shard=args.shard,
+        resume=args.resume,
     )
 
 
@@ -203,7 +237,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage=console.stage, start=console.start, image=console.image, error=console.error, notice=console.notice
     )
     try:
-        result = infer(options, events)
+        if args.ray is not None:
+            from imas_infer.ray_data import RayOptions, infer_ray
+
+            ray_options = RayOptions(
+                address=args.ray or None,
+                actors=args.ray_actors,
+                gpus_per_actor=args.ray_gpus_per_actor,
+                cpus_per_actor=args.ray_cpus_per_actor,
+                images_per_call=args.ray_images_per_call,
+                decode_cpus=args.ray_decode_cpus,
+                num_cpus=args.ray_num_cpus,
+            )
+            result = infer_ray(options, ray_options, events)
+        else:
+            result = infer(options, events)
     except ImasError as err:
         console.close()
         print(f"imas-infer: error: {err}", file=sys.stderr)
@@ -227,5 +275,7 @@ def _print_summary(result: Any, options: InferOptions) -> None:
         print(f"mIoU: {100 * ev.miou:.2f}% over {ev.images} images{missing}")
     if options.output is not None:
         print(f"outputs: {options.output} ({', '.join(options.save)})")
+    if result.summary.failures and result.report.get("manifest", {}).get("resume"):
+        print("retry: run the same command again; the finished images are skipped (--resume)")
     if options.report is not None:
         print(f"report: {options.report}")

@@ -59,6 +59,14 @@ class InferOptions:
     warmup: int = 3
     synthetic: tuple[int, int, int] | None = None  # (N, H, W): random images instead of `input` (benchmark)
     progress: bool = True  # tqdm bar when tqdm is installed and stderr is a terminal
+    shard: tuple[int, int] | None = None  # (I, N): only the inputs of shard I of N (`imas_infer.shard`)
+    resume: bool | None = None  # skip inputs the manifest records as finished; None: on with --shard and --ray
+
+    def resumes(self, ray: bool = False) -> bool:
+        """Whether finished inputs are skipped: `resume` if set, else on for sharded and Ray runs without --gt."""
+        if self.resume is not None:
+            return self.resume
+        return (ray or self.shard is not None) and self.gt is None and self.output is not None
 
     def validate(self) -> None:
         """Raise InferError for contradictory or out-of-range options (independent of the model)."""
@@ -95,6 +103,13 @@ class InferOptions:
             raise InferError(f"--overlay-alpha must be in [0, 1], got {self.overlay_alpha}")
         if self.synthetic is not None and min(self.synthetic) < 1:
             raise InferError(f"--synthetic needs N >= 1 and a positive size, got {self.synthetic}")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise InferError(f"--shard {self.shard[0]}/{self.shard[1]}: need N >= 1 and 0 <= I < N")
+        if self.resume and (self.output is None or self.gt is not None):
+            raise InferError(
+                "--resume needs --output (the manifest lives there) and no --gt (skipped images would be missing "
+                "from the mIoU); drop --resume or --gt"
+            )
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,20 @@ class SyntheticItem:
         return self.path
 
 
-def load_image(item: InputItem | SyntheticItem, *, exif_orientation: bool = True) -> DecodedImage:
+@dataclass(frozen=True)
+class DecodedItem:
+    """An input decoded elsewhere (a Ray decoding task): `path` names it in failures, `rel` places its outputs."""
+
+    path: Path
+    rel: Path
+    decoded: DecodedImage
+    size: int | None = None  # bytes of the input file, for the manifest (`imas_infer.manifest`)
+
+
+def load_image(item: InputItem | SyntheticItem | DecodedItem, *, exif_orientation: bool = True) -> DecodedImage:
     """The image as (H, W, 3) uint8 RGB (EXIF orientation applied if asked), with its bits per channel on file."""
+    if isinstance(item, DecodedItem):
+        return item.decoded
     if isinstance(item, SyntheticItem):
         rng = np.random.default_rng(item.index)
         rgb = rng.integers(0, 256, size=(item.height, item.width, 3), dtype=np.uint8)
@@ -75,6 +87,8 @@ def load_image(item: InputItem | SyntheticItem, *, exif_orientation: bool = True
 
 class _Run:
     """State of one run: the batcher, the images in flight, the write slots, and the counters."""
+
+    on_written: Callable[[Any], None] | None = None  # called with each item once all its outputs are written
 
     def __init__(
         self,
@@ -227,6 +241,8 @@ class _Run:
             t0 = time.perf_counter()
             if self.outputs.root is not None:
                 write_outputs(self.outputs, self.palette, item.rel, image, labels, probs)
+                if self.on_written is not None:
+                    self.on_written(item)
             t1 = time.perf_counter()
             self.timings.add("write", t1 - t0)
             if self.evaluator is not None:
@@ -258,7 +274,7 @@ def _load(
 def run_pipeline(
     backend: Backend,
     settings: RunSettings,
-    items: Sequence[InputItem | SyntheticItem],
+    items: Sequence[InputItem | SyntheticItem | DecodedItem],
     outputs: OutputSpec,
     *,
     evaluator: Evaluator | None = None,
@@ -269,6 +285,7 @@ def run_pipeline(
     on_error: Callable[[str, str], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
     exif_orientation: bool = True,
+    on_written: Callable[[Any], None] | None = None,
 ) -> RunSummary:
     """Run every input through the model and write its outputs.
 
@@ -283,6 +300,8 @@ def run_pipeline(
         on_error: called with (path, reason) for each image that failed.
         on_notice: called once with a line saying that 16-bit inputs are scaled, at the first one.
         exif_orientation: apply each input's EXIF orientation (`imas_core.images`); False reads stored pixels.
+        on_written: called (in a writer thread) with each item whose outputs are all written, e.g. to journal it
+            (`imas_infer.manifest`); an exception it raises fails that image.
 
     Returns:
         Counts, failures and timings of the run.
@@ -292,6 +311,7 @@ def run_pipeline(
     """
     with ThreadPoolExecutor(writers, thread_name_prefix="imas-write") as write_pool:
         run = _Run(backend, settings, outputs, evaluator, write_pool, 2 * writers, on_image, on_error)
+        run.on_written = on_written
         with ThreadPoolExecutor(readers, thread_name_prefix="imas-read") as read_pool:
             pending: deque[Future[Any]] = deque()
             queue = iter(enumerate(items))

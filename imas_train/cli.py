@@ -1,5 +1,6 @@
 """Command line of the training package: ``imas-train`` (train), ``imas-train check-data``, ``imas-train make-splits``,
-``imas-train demo-scenes`` (demo scenes and their ground truth as PNG files, to try ``imas-infer --gt`` on).
+``imas-train demo-scenes`` (demo scenes and their ground truth as PNG files, to try ``imas-infer --gt`` on),
+``imas-train label-next`` (which unlabeled images to label next: `imas_train.label_next`).
 
 Launch forms (docs/style.md §4.2): ``accelerate launch imas_train --config X``, ``accelerate launch -m imas_train
 --config X``, ``python -m imas_train --config X``, ``torchrun --nproc_per_node N -m imas_train --config X``.
@@ -30,7 +31,7 @@ from imas_core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, ImasError,
 __all__ = ["build_parser", "main"]
 
 _PROG = "imas-train"
-_SUBCOMMANDS = ("check-data", "make-splits", "demo-scenes")
+_SUBCOMMANDS = ("check-data", "make-splits", "demo-scenes", "label-next")
 # The scenes configs/demo.yaml validates on (data.demo: num_val, seed, height, width; tests/train/test_demo_scenes.py
 # checks they agree) and the size of its labeled split
 _DEMO_SCENES = {"val": 64, "train": 16}
@@ -49,7 +50,18 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(command: str = "train") -> argparse.ArgumentParser:
-    """The parser of `command`: "train" (the default form), "check-data", "make-splits" or "demo-scenes"."""
+    """The parser of `command`: "train" (the default form), "check-data", "make-splits", "demo-scenes" or
+    "label-next"."""
+    if command == "label-next":
+        from imas_train.label_next import add_arguments
+
+        parser = argparse.ArgumentParser(
+            prog=f"{_PROG} label-next",
+            description="Rank a run's unlabeled images by how hard they stayed (iMAS easiness), write the ranked CSV "
+            "and a contact sheet of the top K, and optionally new split lists that move them to the labeled list.",
+        )
+        add_arguments(parser)
+        return parser
     if command == "demo-scenes":
         parser = argparse.ArgumentParser(
             prog=f"{_PROG} demo-scenes",
@@ -89,7 +101,7 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
         prog=_PROG,
         description="Train DeepLabV3+ with iMAS under Accelerate. Other commands: "
         f"'{_PROG} check-data --config X', '{_PROG} make-splits --list all.txt --out splits/', "
-        f"'{_PROG} demo-scenes --output DIR'.",
+        f"'{_PROG} demo-scenes --output DIR', '{_PROG} label-next --run RUN'.",
     )
     _config_args(parser)
     parser.add_argument(
@@ -163,6 +175,12 @@ def _demo_scenes(args: argparse.Namespace) -> int:
 def _run(command: str, args: argparse.Namespace) -> int:
     if command == "demo-scenes":
         return _demo_scenes(args)
+    if command == "label-next":
+        from imas_train.label_next import run_command
+
+        for line in run_command(args):  # one line per stage, then the next command
+            print(line, flush=True)
+        return 0
     if command == "make-splits":
         from imas_train.data import make_splits, read_list, write_splits
 

@@ -41,6 +41,8 @@ class ModelConfig:
     decoder: Literal["imas", "u2pl"] = "imas"  # u2pl: U2PL's decoder (3x3 ASPP projection, dropout; U2PL.md §5)
     rep_head: bool = False  # U2PL's representation head on the classifier input (training only; not exported)
     rep_channels: int = 256  # its output width (U2PL: 256)
+    drop_path_rate: float = 0.0  # stochastic depth p_max over the ResNet blocks, training only (0 = off; see
+    # check_consistency: method dual_teacher sets its student's own rate from dual_teacher.drop_path_rate)
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,79 @@ class CpsConfig:
 
 
 @dataclass(frozen=True)
+class DualTeacherConfig:
+    """Dual Teacher as its official (SegFormer) code behaves (shared/methods/DualTeacher.md §2-3; docs/methods.md).
+
+    Every default is the official value except ``drop_path_rate``, an assumption for the ResNet student (§3, §5).
+    """
+
+    drop_path_rate: float = 0.1  # student stochastic depth p_max (ASSUMED for ResNet: the MiT value); teachers 0
+    ema_decay: float = 0.99  # cap of alpha = min(1 - 1/(i + 1), cap), i = iteration within the epoch (§2 item 7)
+    conf_threshold: float = 0.95  # CutMix image weights, ClassMix batch weight, consistency mask (§3)
+    mix_weight: float = 1.0  # L_mix (§2 item 6)
+    consistency_weight: float = 0.2  # L_ic (§2 item 6)
+    quantise_conf: bool = True  # faithful: CutMix confidences pass through 8 bits (conf counts iff >= 243/255)
+    post_mix_augment: bool = True  # faithful: per-image jitter p 0.8, blur p 0.5, flip p 0.5 after CutMix (§2 3c)
+    strong_view: Literal["normalised", "pixel"] = "normalised"  # faithful: jitter on normalised tensors, clamped
+    consistency_mask_from_labeled: bool = True  # faithful: L_ic mask/normaliser from the labeled batch's 255s (§4.7)
+    second_teacher_forward: bool = True  # faithful: L_ic pseudo-labels from a second train-mode teacher forward
+    eval_model: Literal["student", "teacher"] = "student"  # selected and exported; the reference validates the student
+
+
+@dataclass(frozen=True)
+class CctConfig:
+    """CCT as the DeepLabV3+ port runs it (shared/methods/CCT.md §2.B, §3); the official settings are flags.
+
+    Decoder counts per perturbation: the port's 2 of each kind but VAT is the default (K = 12); the official CCT
+    uses vat 2, dropout 6, cutout 6, context 2, object 2, feature_drop 6, feature_noise 6 (K = 30).
+    """
+
+    reference_world_size: int  # W_ref: loss x 1/W_ref, the port's gradient scale (§2.B item 6): 4 VOC; 1 = none
+    unsup_weight: float = 30.0  # w_u
+    rampup_epochs: int = 0  # sigmoid ramp of w_u over the first epochs; 0 = constant (port); official 8 of 80
+    vat: int = 0  # intermediate VAT decoders (official only)
+    dropout: int = 2  # channel dropout (Dropout2d)
+    cutout: int = 2  # guided cutout
+    context_masking: int = 2
+    object_masking: int = 2
+    feature_drop: int = 2
+    feature_noise: int = 2
+    drop_rate: float = 0.5  # Dropout2d p
+    erase: float = 0.4  # guided cutout box side / object bounding-box side
+    cutout_min_vertices: int = 50  # only objects whose simplified contour has more vertices are cut
+    vat_xi: float = 1e-6
+    vat_eps: float = 2.0
+    noise_amplitude: float = 0.3  # feature noise N ~ U(-a, a)
+    feature_drop_range: tuple[float, float] = (0.7, 0.9)  # feature drop threshold = max attention x U(lo, hi)
+    supervised: Literal["abce", "loss"] = "abce"  # abce: the port's annealed-bootstrapped CE; loss: the loss: section
+    abce_final_threshold: float = 0.99  # abCE's tau anneals from 1/C to this ...
+    abce_anneal_fraction: float = 0.4  # ... over this fraction of the training iterations
+    abce_min_kept_per_image: int = 1  # abCE keeps at least (this x labeled batch) hardest pixels
+    no_decay_bn_bias: bool = True  # port: BN parameters and biases without weight decay; false: decay everything
+    ignore_padding_in_unsup: bool = False  # faithful: L_u also on padded unlabeled pixels (methods/README §3 item 4)
+
+
+@dataclass(frozen=True)
+class StPpConfig:
+    """ST / ST++ as the reference behaves (shared/methods/STPlusPlus.md §2-3): an offline pipeline of trainings.
+
+    The user sets the first group; ``stage`` and ``pseudo_labels`` are written by the pipeline (`imas_train.st_pp`)
+    into each stage training's config and stay at their defaults in an experiment file.
+    """
+
+    plus: bool = True  # ST++ (reliability split, two re-trainings); false = ST (one re-training on everything)
+    checkpoints: int = 3  # K supervised checkpoints, at the end of epochs floor(j * E / K), j = 1..K
+    reliable_fraction: float = 0.5  # the top floor(fraction * N_u) by stability are re-trained on first
+    tta_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)  # pseudo-labelling scales, each with and w/o flip
+    tta_flip: bool = True
+    double_labeled_below: int = 200  # the supervised stage repeats the labeled list twice when N_l < this
+    strong_aug: Literal["pseudo", "all", "none"] = "pseudo"  # SDA + Cutout on: pseudo-labeled images (faithful)
+    stage_epochs: tuple[int, ...] | None = None  # epochs of each training stage; None: optim.epochs for each
+    stage: Literal["pipeline", "supervised", "retrain"] = "pipeline"  # set by the pipeline for its trainings
+    pseudo_labels: tuple[Path, ...] = ()  # set by the pipeline: the pseudo-mask folders a re-training reads
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Validation protocol (docs/algorithm.md §8)."""
 
@@ -213,10 +288,13 @@ class TrainConfig:
     optim: OptimConfig
     eval: EvalConfig
     run: RunConfig
-    method: Literal["imas", "supervised", "u2pl", "cps"] = "imas"  # a module of imas_train.methods
+    method: Literal["imas", "supervised", "u2pl", "cps", "st_pp", "cct", "dual_teacher"] = "imas"  # imas_train.methods
     imas: ImasConfig | None = None  # method 'imas' (docs/algorithm.md)
     u2pl: U2plConfig | None = None  # method 'u2pl' (shared/methods/U2PL.md)
     cps: CpsConfig | None = None  # method 'cps' (shared/methods/CPS.md)
+    cct: CctConfig | None = None  # method 'cct' (shared/methods/CCT.md)
+    st_pp: StPpConfig | None = None  # method 'st_pp' (shared/methods/STPlusPlus.md); absent: the defaults
+    dual_teacher: DualTeacherConfig | None = None  # method 'dual_teacher' (methods/DualTeacher.md); absent: defaults
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,6 +458,11 @@ def check_consistency(cfg: TrainConfig) -> None:
                 f"cps: need cps_weight >= 0, reference_world_size >= 1, n_boxes >= 1 and 0 < lo <= hi <= 1 in "
                 f"box_prop_range, got {c.cps_weight}, {c.reference_world_size}, {c.n_boxes}, {(lo, hi)}"
             )
+    if cfg.method == "st_pp":
+        _check_st_pp(cfg)
+    _check_dual_teacher(cfg)
+    if cfg.method == "cct":
+        _check_cct(cfg)
     if cfg.model.aux_labeled_only and not cfg.model.aux_head:
         raise ConfigError("model.aux_labeled_only needs model.aux_head: true")
 
@@ -393,3 +476,84 @@ def model_config_from_dict(raw: dict[str, Any], where: str = "model_config") -> 
     """Rebuild a ModelConfig from an artifact's sidecar (strict, like the YAML loader)."""
     cfg: ModelConfig = from_dict(ModelConfig, raw, where)
     return cfg
+
+
+def _check_st_pp(cfg: TrainConfig) -> None:
+    """Method 'st_pp': its section's ranges and the data it needs."""
+    s = cfg.st_pp or StPpConfig()
+    if cfg.data.dataset != "demo" and cfg.data.unlabeled_list is None:
+        raise ConfigError("data.unlabeled_list is required for method 'st_pp' (the images it pseudo-labels)")
+    if s.checkpoints < 2:
+        raise ConfigError(f"st_pp.checkpoints must be >= 2 (K: earlier checkpoints vs the last), got {s.checkpoints}")
+    if not 0.0 < s.reliable_fraction < 1.0:
+        raise ConfigError(f"st_pp.reliable_fraction must be in (0, 1), got {s.reliable_fraction}")
+    if not s.tta_scales or not all(0.0 < x < float("inf") for x in s.tta_scales):
+        raise ConfigError(f"st_pp.tta_scales must be one or more finite numbers > 0, got {list(s.tta_scales)}")
+    stages = 3 if s.plus else 2
+    if s.stage_epochs is not None and (len(s.stage_epochs) != stages or min(s.stage_epochs) < 1):
+        raise ConfigError(
+            f"st_pp.stage_epochs must list {stages} epoch counts >= 1 (supervised, then each re-training; "
+            f"st_pp.plus={str(s.plus).lower()}), got {list(s.stage_epochs)}; or null for optim.epochs each"
+        )
+    if s.stage == "retrain" and not s.pseudo_labels:
+        raise ConfigError("st_pp.stage 'retrain' needs st_pp.pseudo_labels (the pipeline sets both; leave them)")
+
+
+def _check_cct(cfg: TrainConfig) -> None:
+    """Method 'cct': its section, its ranges and the data it needs."""
+    c = cfg.cct
+    if c is None:
+        raise ConfigError("method 'cct' needs a cct: section (at least reference_world_size; see configs/demo.yaml)")
+    if cfg.data.dataset != "demo" and cfg.data.unlabeled_list is None:
+        raise ConfigError("data.unlabeled_list is required for method 'cct'")
+    counts = {k: getattr(c, k) for k in ("vat", "dropout", "cutout", "context_masking", "object_masking",
+                                         "feature_drop", "feature_noise")}  # fmt: skip
+    if min(counts.values()) < 0 or sum(counts.values()) < 1:
+        raise ConfigError(f"cct: decoder counts must be >= 0 with at least one decoder in all, got {counts}")
+    lo, hi, inf = *c.feature_drop_range, float("inf")
+    ranges = [  # (name, value, within range, the range in words); NaN fails every one
+        ("cct.reference_world_size", c.reference_world_size, c.reference_world_size >= 1, ">= 1"),
+        ("cct.unsup_weight", c.unsup_weight, 0.0 <= c.unsup_weight < inf, "a finite number >= 0"),
+        ("cct.rampup_epochs", c.rampup_epochs, c.rampup_epochs >= 0, ">= 0"),
+        ("cct.drop_rate", c.drop_rate, 0.0 <= c.drop_rate < 1.0, "in [0, 1)"),
+        ("cct.erase", c.erase, 0.0 <= c.erase <= 1.0, "in [0, 1]"),
+        ("cct.cutout_min_vertices", c.cutout_min_vertices, c.cutout_min_vertices >= 0, ">= 0"),
+        ("cct.vat_xi", c.vat_xi, 0.0 < c.vat_xi < inf, "a finite number > 0"),
+        ("cct.vat_eps", c.vat_eps, 0.0 <= c.vat_eps < inf, "a finite number >= 0"),
+        ("cct.noise_amplitude", c.noise_amplitude, 0.0 <= c.noise_amplitude < inf, "a finite number >= 0"),
+        ("cct.feature_drop_range", c.feature_drop_range, 0.0 <= lo <= hi <= 1.0, "[lo, hi] with 0 <= lo <= hi <= 1"),
+        ("cct.abce_final_threshold", c.abce_final_threshold, 0.0 < c.abce_final_threshold <= 1.0, "in (0, 1]"),
+        ("cct.abce_anneal_fraction", c.abce_anneal_fraction, 0.0 <= c.abce_anneal_fraction <= 1.0, "in [0, 1]"),
+        ("cct.abce_min_kept_per_image", c.abce_min_kept_per_image, c.abce_min_kept_per_image >= 0, ">= 0"),
+    ]
+    for name, value, within, allowed in ranges:
+        if not within:
+            raise ConfigError(f"{name} must be {allowed}, got {value}")
+
+
+def _check_dual_teacher(cfg: TrainConfig) -> None:
+    """Stochastic depth belongs to method 'dual_teacher' (and a supervised ablation); its section's ranges."""
+    rate = cfg.model.drop_path_rate
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {rate}")
+    if rate > 0.0 and cfg.method not in ("supervised",):
+        where = "dual_teacher.drop_path_rate (its student's rate; teachers and the artifact have none)"
+        raise ConfigError(
+            f"model.drop_path_rate={rate} is not used with method {cfg.method!r}: set it to 0"
+            + (f" and use {where}" if cfg.method == "dual_teacher" else " (stochastic depth is Dual Teacher's)")
+        )
+    if cfg.method != "dual_teacher":
+        return
+    if cfg.data.dataset != "demo" and cfg.data.unlabeled_list is None:
+        raise ConfigError("data.unlabeled_list is required for method 'dual_teacher'")
+    t = cfg.dual_teacher or DualTeacherConfig()
+    checks = [
+        ("drop_path_rate", t.drop_path_rate, 0.0 <= t.drop_path_rate < 1.0, "in [0, 1)"),
+        ("ema_decay", t.ema_decay, 0.0 <= t.ema_decay <= 1.0, "in [0, 1]"),
+        ("conf_threshold", t.conf_threshold, 0.0 < t.conf_threshold <= 1.0, "in (0, 1]"),
+        ("mix_weight", t.mix_weight, 0.0 <= t.mix_weight < float("inf"), "finite, >= 0"),
+        ("consistency_weight", t.consistency_weight, 0.0 <= t.consistency_weight < float("inf"), "finite, >= 0"),
+    ]
+    for name, value, within, allowed in checks:
+        if not within:
+            raise ConfigError(f"dual_teacher.{name} must be {allowed}, got {value}")

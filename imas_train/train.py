@@ -148,6 +148,10 @@ def train(
     """
     if overwrite and resume is not None:
         raise ConfigError("--overwrite starts a new run and deletes the previous one; it cannot go with --resume")
+    if cfg.method == "st_pp" and (cfg.st_pp is None or cfg.st_pp.stage == "pipeline"):  # a pipeline of trainings
+        from imas_train.st_pp import run_pipeline
+
+        return run_pipeline(cfg, resume=resume, allow_config_change=allow_config_change, overwrite=overwrite)
     run_dir = Path(cfg.run.output_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and `accelerate launch`
     accelerator = Accelerator(
@@ -316,7 +320,7 @@ def _setup(cfg: TrainConfig, accelerator: Accelerator, method: Method) -> Traini
     """Data, networks, teachers, optimizers and val loader, in the order docs/style.md §4.4 prescribes."""
     world, b = accelerator.num_processes, cfg.data.batch_size
     # data: per-epoch streams sharded by rank; one epoch = one pass over N_u (N_l for labeled-only methods)
-    data = build_datasets(cfg.data, cfg.model.num_classes, label_pad=method.label_pad)
+    data = method.training_data(build_datasets(cfg.data, cfg.model.num_classes, label_pad=method.label_pad))
     if method.uses_unlabeled and data.unlabeled is None:
         raise TrainingError(f"method {cfg.method!r} needs unlabeled data (data.unlabeled_list)")
     stream_len = len(data.unlabeled) if method.uses_unlabeled and data.unlabeled is not None else len(data.labeled)

@@ -53,7 +53,9 @@ def test_train_step_smoke(tmp_path: Path) -> None:
     stdout, payload = _run("train_step", tmp_path)
     assert "| precision | variant" in stdout and "time ratio" in stdout
     rows = {r["variant"]: r for r in payload["results"]}
-    assert set(rows) == {"supervised", "imas_faithful", "imas_fast", "u2pl", "cps"}
+    assert set(rows) == {"supervised", "imas_faithful", "imas_fast", "u2pl", "cps", "cct", "dual_teacher"}
+    assert 3.2 < rows["dual_teacher"]["flop_ratio"] < 4.1  # 11 vs 3 forward-equivalents (DualTeacher.md §8)
+    assert 1.8 < rows["cct"]["flop_ratio"] < 2.4  # 6 vs 3 forward-equivalents plus 12 light decoders (CCT.md §8)
     assert rows["imas_faithful"]["cutmix_fired_fraction"] == 1.0 == rows["imas_fast"]["cutmix_fired_fraction"]
     # the FLOP counts follow the arithmetic of docs/algorithm.md §11.5 (14 and 11 vs 3 forward-equivalents, ± aux head)
     assert 4.2 < rows["imas_faithful"]["flop_ratio"] < 5.1
@@ -88,3 +90,14 @@ def test_threads_smoke(tmp_path: Path) -> None:
     (row,) = [r for r in payload["results"] if r["kind"] == "infer"]
     assert row["images_per_s_alone"] > 0 and row["model_ms_per_image_alone"] > 0 and not row["errors_alone"]
     assert row["runtime_alone"].endswith("cpu, 1 thread(s)")
+
+
+@pytest.mark.slow
+def test_ray_infer_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("ray.data")
+    stdout, payload = _run("ray_infer", tmp_path)
+    assert "| run " in stdout and "Ray / single throughput" in stdout
+    rows = {r["label"]: r for r in payload["results"]["rows"]}
+    assert set(rows) == {"single process", "Ray local (2 CPUs)"}
+    assert payload["results"]["labels_byte_equal"] is True
+    assert all(r["images"] == payload["settings"]["images"] and r["images_per_s"] > 0 for r in rows.values())

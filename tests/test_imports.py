@@ -47,11 +47,11 @@ print(len(names))
 # blocked too, so a sideways import fails here even though every package is installed.
 FORBIDDEN = {
     "imas_core": ("imas_train", "imas_export", "imas_infer", "torch", "yaml", "accelerate", "albumentations",
-                  "safetensors", "onnx", "onnxruntime", "tensorrt", "matplotlib", "tqdm"),
-    "imas_train": ("imas_export", "imas_infer", "onnx", "onnxruntime", "tensorrt", "torchvision", "timm"),
-    "imas_export": ("imas_train", "imas_infer", "accelerate", "tensorrt"),
+                  "safetensors", "onnx", "onnxruntime", "tensorrt", "matplotlib", "tqdm", "ray", "pyarrow"),
+    "imas_train": ("imas_export", "imas_infer", "onnx", "onnxruntime", "tensorrt", "torchvision", "timm", "ray"),
+    "imas_export": ("imas_train", "imas_infer", "accelerate", "tensorrt", "ray"),
     "imas_infer": ("imas_train", "imas_export", "torch", "accelerate", "yaml", "albumentations", "safetensors",
-                   "tensorrt"),
+                   "tensorrt", "ray", "pyarrow"),
 }  # fmt: skip
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 from imas_core.errors import ConfigError
 from imas_train.config import TrainConfig
 from imas_train.methods.base import Method, StepContext, StepResult, StudentForward, step_generator
+from imas_train.methods.cct import CctMethod
 from imas_train.methods.cps import CpsMethod
+from imas_train.methods.dual_teacher import DualTeacherMethod
 from imas_train.methods.imas import ImasMethod
+from imas_train.methods.st_pp import StPpMethod
 from imas_train.methods.supervised import SupervisedMethod
 from imas_train.methods.u2pl import U2plMethod
 
@@ -22,6 +25,9 @@ METHODS: dict[str, type[Method]] = {
     "imas": ImasMethod,
     "u2pl": U2plMethod,
     "cps": CpsMethod,
+    "cct": CctMethod,
+    "dual_teacher": DualTeacherMethod,
+    "st_pp": StPpMethod,  # one stage training; the pipeline is imas_train.st_pp
 }
 
 

@@ -17,6 +17,8 @@ accumulation, logging, evaluation, checkpoints and the artifact. The method owns
 `streams`                   which data streams an epoch reads (``labeled``, ``unlabeled``, ``unlabeled_mix``: a
                             second independent pass over the unlabeled set)
 `label_pad`                 the label value of padded crop pixels (255 = ignored; U2PL pads with class 0)
+`training_data`             the datasets the loop trains on, from the configured ones (ST++ re-trains on labeled +
+                            stored pseudo-labeled images); as configured by default
 `step`                      forward and losses of one iteration -> `StepResult` (total loss, named log values,
                             optional per-image records); no backward, no optimizer step
 `after_optimizer_step`      teacher updates, after every optimizer step (sync steps only with accumulation)
@@ -164,6 +166,11 @@ class Method(abc.ABC):
     def label_pad(self) -> int:
         """Label value of padded pixels in training crops; 255 (ignored) unless a method's reference says otherwise."""
         return IGNORE_INDEX
+
+    def training_data(self, data: Any) -> Any:
+        """The `imas_train.data.Datasets` to train on, given the configured ones (val stays as it is). Default: as
+        is. An epoch is one pass over the returned labeled set (or unlabeled set, `uses_unlabeled`)."""
+        return data
 
     def model_config(self, model: ModelConfig) -> ModelConfig:
         """The model this method trains, given the config's; the artifact's sidecar records it. Default: as is."""

@@ -47,6 +47,8 @@ def check_model_config(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.{name} must be >= 1, got {value}")
     if cfg.aux_labeled_only and not cfg.aux_head:
         raise ConfigError("model.aux_labeled_only needs model.aux_head: true")
+    if not 0.0 <= cfg.drop_path_rate < 1.0:
+        raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
 
 
 def build_model(cfg: ModelConfig) -> DeepLabV3Plus:
@@ -64,6 +66,7 @@ def build_model(cfg: ModelConfig) -> DeepLabV3Plus:
         multi_grid=cfg.multi_grid,
         base_width=cfg.base_width,
         layers=cfg.layers,
+        drop_path_rate=cfg.drop_path_rate,
     )
     if cfg.pretrained is not None:
         report = load_backbone_weights(backbone, cfg.pretrained)

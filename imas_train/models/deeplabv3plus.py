@@ -188,6 +188,28 @@ class DeepLabV3Plus(nn.Module):
         logits_aux = self.aux(x3) if self.aux is not None else None
         return self.classifier(features), self.rep(features), logits_aux
 
+    def forward_with_features(self, x: Tensor, with_aux: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Logits, the classifier's last-conv input and aux logits from one backbone pass (CCT training).
+
+        ``classify(features, x)`` equals ``logits``: the same ops as `forward`, split before the final 1x1 conv.
+
+        Args:
+            x: (B, 3, H, W) normalised images.
+            with_aux: run the aux head (when the model has one).
+
+        Returns:
+            logits (B, C, H, W) at the input size; features (B, decoder_channels, H/4, W/4), the output of the
+            classifier's 3x3 blocks; aux logits (B, C, H, W) or None.
+        """
+        x1, _, x3, x4 = self.backbone.forward_features(x)
+        features: Tensor = self.classifier[:-1](self._features(x1, x4))
+        logits_aux = _resize(self.aux(x3), x) if with_aux and self.aux is not None else None
+        return self.classify(features, x), features, logits_aux
+
+    def classify(self, features: Tensor, like: Tensor) -> Tensor:
+        """The classifier's final 1x1 conv on `features`, resized to `like`'s spatial size (align_corners=True)."""
+        return _resize(self.classifier[-1](features), like)
+
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the encoder (optimizer group 'backbone')."""
         return self.backbone.parameters()

@@ -9,18 +9,78 @@ Two stems:
 Output stride 8/16/32 comes from dilation (torchvision's ``replace_stride_with_dilation`` over layer2-4). Multi-grid
 (2, 2, 4) scales layer4's dilations: block 0 uses the previous dilation x grid[0], block k >= 1 the new dilation x
 grid[k]. There is no ``fc`` layer.
+
+Stochastic depth (``drop_path_rate`` p_max, method ``dual_teacher``'s student; shared/methods/DualTeacher.md §5): a
+`DropPath` on the residual branch of every block (after the last BN, before the addition; never on the shortcut),
+rate p_l = linspace(0, p_max, N)[l] over the N blocks in order. It has no parameters or buffers (the state dict is
+the same for every rate) and is the identity in eval mode, so exported models never depend on it.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 BLOCK_COUNTS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 MULTI_GRID = (2, 2, 4)  # layer4 dilation multipliers of the reference (one per block)
 # Which of layer2/3/4 trade their stride for dilation, per output stride.
 DILATE_FLAGS = {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}
+
+
+class DropPath(nn.Module):
+    """Per-sample stochastic depth of a residual branch (timm's rule), identity in eval mode or at rate 0.
+
+    In train mode each sample's branch is kept with probability 1 - p and then scaled by 1 / (1 - p), or zeroed. The
+    keep draws come from `generator` when one is set (a CPU generator: B float64 uniforms per call, so a resumed
+    run repeats them), else from torch's global generator.
+
+    Attributes:
+        p: the drop probability in [0, 1).
+        generator: optional CPU generator of the keep draws (`set_drop_path_generator`).
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep_prob = 1.0 - self.p
+        draws = torch.rand(x.shape[0], generator=self.generator, dtype=torch.float64)
+        scale = (draws < keep_prob).to(torch.float64) / keep_prob
+        return x * scale.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
+def drop_path_rates(p_max: float, num_blocks: int) -> list[float]:
+    """p_l = linspace(0, p_max, N)[l] for the N residual blocks in order (0 for a single block)."""
+    if not 0.0 <= p_max < 1.0:
+        raise ValueError(f"drop path rate must be in [0, 1), got {p_max}")
+    if num_blocks < 1:
+        return []
+    return torch.linspace(0.0, p_max, num_blocks, dtype=torch.float64).tolist()
+
+
+def set_drop_path_rate(model: nn.Module, p_max: float) -> None:
+    """Set every `DropPath` under `model`, in module order, to linspace(0, p_max, N) (0 = off)."""
+    paths = [m for m in model.modules() if isinstance(m, DropPath)]
+    for module, rate in zip(paths, drop_path_rates(p_max, len(paths)), strict=True):
+        module.p = rate
+
+
+def set_drop_path_generator(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Give every `DropPath` under `model` (wrappers included) the generator of its keep draws."""
+    for module in model.modules():
+        if isinstance(module, DropPath):
+            module.generator = generator
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -40,11 +100,12 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = DropPath()  # stochastic depth of the residual branch; rate set by the ResNet
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out: Tensor = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.drop_path(self.bn2(self.conv2(out)))
         out = self.relu(out + identity)
         return out
 
@@ -64,12 +125,13 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.drop_path = DropPath()  # stochastic depth of the residual branch; rate set by the ResNet
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out: Tensor = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.drop_path(self.bn3(self.conv3(out)))
         out = self.relu(out + identity)
         return out
 
@@ -85,6 +147,7 @@ class ResNet(nn.Module):
             most three layer4 blocks.
         base_width: channels of the first stage (64 for every real ResNet); all widths scale with it.
         layers: block counts per stage; None = the standard counts for `depth`.
+        drop_path_rate: stochastic depth p_max over all blocks (0 = off; training only, see the module docstring).
     """
 
     def __init__(
@@ -95,6 +158,7 @@ class ResNet(nn.Module):
         multi_grid: bool = True,
         base_width: int = 64,
         layers: tuple[int, int, int, int] | None = None,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         if depth not in BLOCK_COUNTS:
@@ -143,6 +207,7 @@ class ResNet(nn.Module):
         grid = MULTI_GRID if multi_grid else None
         self.layer4 = self._make_layer(block, 8 * width, counts[3], stride=2, dilate=flags[2], grid=grid)
         self.channels = tuple(m * width * block.expansion for m in (1, 2, 4, 8))  # of x1..x4
+        set_drop_path_rate(self, drop_path_rate)
         self._init_weights()
 
     def _make_layer(

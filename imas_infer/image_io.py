@@ -29,7 +29,8 @@ import glob
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -78,14 +79,29 @@ def discover_inputs(spec: str) -> tuple[Path, list[InputItem]]:
         raise InferError(f"--input {spec}: no such file, directory or glob match")
     if not files:
         raise InferError(f"--input {spec}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    items = [InputItem(f, f.relative_to(root)) for f in files]
-    seen: dict[Path, Path] = {}
+    return root, refuse_colliding_outputs([InputItem(f, f.relative_to(root)) for f in files])
+
+
+class _Listed(Protocol):
+    @property
+    def rel(self) -> PurePath: ...
+    @property
+    def path(self) -> object: ...
+
+
+_Item = TypeVar("_Item", bound=_Listed)
+
+
+def refuse_colliding_outputs(items: list[_Item]) -> list[_Item]:
+    """`items` unchanged, or an error naming two inputs that would write the same outputs (same relative path but
+    for the extension: ``a/x.png`` and ``a/x.jpg``). Items have ``.rel`` (relative path) and ``.path``."""
+    seen: dict[PurePath, object] = {}
     for item in items:
         key = item.rel.with_suffix("")
         if key in seen:
             raise InferError(f"inputs {seen[key]} and {item.path} would write the same outputs; rename one")
         seen[key] = item.path
-    return root, items
+    return items
 
 
 def _read_list(list_file: Path) -> list[Path]:

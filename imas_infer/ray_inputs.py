@@ -24,7 +24,7 @@ import numpy as np
 
 from imas_core import images
 from imas_core.errors import InferError
-from imas_infer.image_io import IMAGE_EXTENSIONS, discover_inputs
+from imas_infer.image_io import IMAGE_EXTENSIONS, discover_inputs, refuse_colliding_outputs
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def list_inputs(spec: str) -> list[ListedInput]:
         if entries is None:
             _, items = discover_inputs(spec)
             return [ListedInput(str(i.path), PurePosixPath(i.rel.as_posix()), i.path.stat().st_size) for i in items]
-        return _unique(_list_uri_lines(spec, entries))
+        return refuse_colliding_outputs(_list_uri_lines(spec, entries))
     from pyarrow import fs as pafs
 
     try:
@@ -73,7 +73,8 @@ def list_inputs(spec: str) -> list[ListedInput]:
         raise InferError(f"--input {spec}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
     base = PurePosixPath(root) if info.type == pafs.FileType.Directory else PurePosixPath(root).parent
     prefix = _uri_prefix(spec, root)
-    return _unique([ListedInput(prefix + f.path, PurePosixPath(f.path).relative_to(base), int(f.size)) for f in files])
+    listed = [ListedInput(prefix + f.path, PurePosixPath(f.path).relative_to(base), int(f.size)) for f in files]
+    return refuse_colliding_outputs(listed)
 
 
 def _uri_prefix(uri: str, path: str) -> str:
@@ -123,17 +124,6 @@ def _list_uri_lines(spec: str, entries: list[tuple[int, str]]) -> list[ListedInp
             sized.append((uri, path, int(info.size)))
     root = PurePosixPath(posixpath.commonpath([posixpath.dirname(path) for _, path, _ in sized]))
     return [ListedInput(uri, PurePosixPath(path).relative_to(root), size) for uri, path, size in sized]
-
-
-def _unique(items: list[ListedInput]) -> list[ListedInput]:
-    """Refuse two inputs that would write the same outputs (same relative path but for the extension)."""
-    seen: dict[PurePosixPath, str] = {}
-    for item in items:
-        key = item.rel.with_suffix("")
-        if key in seen:
-            raise InferError(f"inputs {seen[key]} and {item.path} would write the same outputs; rename one")
-        seen[key] = item.path
-    return items
 
 
 _FILESYSTEMS: dict[str, Any] = {}

@@ -244,8 +244,9 @@ def table(records: list[dict], split: str) -> str:
     if not rows:
         return f"(no runs for split {split})"
     seeds = sorted({r["seed"] for r in rows})
-    names = sorted({r["name"] for r in rows}, key=lambda n: (n != "supervised", n))
-    sup = {r["seed"]: r["final"] for r in rows if r["name"] == "supervised"}
+    names = sorted({r["name"] for r in rows}, key=lambda n: (not n.startswith("supervised"), n))
+    # the supervised-only run of the same seed and iterations (a row of method supervised, whatever its name)
+    sup = {(r["seed"], r["iterations"]): r["final"] for r in rows if r["method"] == "supervised"}
     head = ["name", "method", "iterations", *(f"seed {s}" for s in seeds), "final mean ± std", "best mean ± std"]
     head += ["gain over supervised (final, per seed)", "wall time", "settings"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -253,8 +254,9 @@ def table(records: list[dict], split: str) -> str:
         rs = {r["seed"]: r for r in rows if r["name"] == name}
         finals = [rs[s]["final"] for s in seeds if s in rs]
         bests = [rs[s]["best"] for s in seeds if s in rs]
-        gains = [f"{rs[s]['final'] - sup[s]:+.1f}" for s in seeds if s in rs and s in sup]
-        if name == "supervised":
+        keys = [(s, rs[s]["iterations"]) for s in seeds if s in rs]
+        gains = [f"{rs[s]['final'] - sup[(s, it)]:+.1f}" for s, it in keys if (s, it) in sup]
+        if next(iter(rs.values()))["method"] == "supervised":
             gains = []
         walls = [rs[s]["train_wall_s"] for s in seeds if s in rs]
         first = next(iter(rs.values()))

@@ -20,6 +20,7 @@ from imas_train.methods.base import StepContext
 from imas_train.methods.cct import AUX, AuxForward, CctForward, CctMethod, cct_total, decoder_kinds
 from imas_train.models import build_model
 from imas_train.models.cct_decoders import CctAuxDecoders
+from tests.train.resume_helpers import killed_then_resumed
 from tests.train.test_train import REPO, demo_cfg
 
 H, W, B = 33, 41, 2
@@ -227,21 +228,7 @@ def test_cct_trains_resumes_bitwise_and_exports_without_aux_decoders(
     full = imas_train.train.train(demo_cfg(tmp_path / "full", *SETTINGS))
     assert full.iterations == 4
     cfg = demo_cfg(tmp_path / "split", *SETTINGS)
-    real = imas_train.train.step_generator
-
-    class Killed(Exception):
-        pass
-
-    def generator(seed: int, rank: int, step: int) -> torch.Generator:
-        if step == 3:
-            raise Killed
-        return real(seed, rank, step)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(imas_train.train, "step_generator", generator)
-        with pytest.raises(Killed):
-            imas_train.train.train(cfg)
-    resumed = imas_train.train.train(cfg, resume="auto")
+    resumed = killed_then_resumed(cfg, monkeypatch, at=3)
     assert resumed.iterations == 4
     assert (tmp_path / "split" / "teacher.safetensors").read_bytes() == full.teacher_path.read_bytes()
     assert resumed.miou_final == full.miou_final

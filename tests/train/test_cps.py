@@ -32,6 +32,7 @@ from imas_train.methods.cps import (
 from imas_train.mixing import mask_mix, sample_cps_boxes, toggled_box_mask
 from imas_train.models import build_model
 from imas_train.optim import param_groups
+from tests.train.resume_helpers import killed_then_resumed
 from tests.train.test_train import REPO, demo_cfg
 
 CPS = CpsConfig(cps_weight=1.5, reference_world_size=1)
@@ -342,21 +343,7 @@ def test_cps_trains_and_writes_a_loadable_artifact(tmp_path: Path) -> None:
 def test_cps_resume_mid_epoch_is_bitwise_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full = imas_train.train.train(demo_cfg(tmp_path / "full", *SETTINGS))
     cfg = demo_cfg(tmp_path / "split", *SETTINGS)
-    real = imas_train.train.step_generator
-
-    class Killed(Exception):
-        pass
-
-    def generator(seed: int, rank: int, step: int) -> torch.Generator:
-        if step == 3:
-            raise Killed
-        return real(seed, rank, step)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(imas_train.train, "step_generator", generator)
-        with pytest.raises(Killed):
-            imas_train.train.train(cfg)
-    resumed = imas_train.train.train(cfg, resume="auto")
+    resumed = killed_then_resumed(cfg, monkeypatch, at=3)
     assert resumed.iterations == full.iterations == 4
     assert (tmp_path / "split" / "teacher.safetensors").read_bytes() == full.teacher_path.read_bytes()
     assert resumed.miou_final == full.miou_final

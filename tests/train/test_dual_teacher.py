@@ -34,6 +34,7 @@ from imas_train.methods.dual_teacher import DualTeacherMethod
 from imas_train.mixing import box_mask, class_mix, class_mix_mask, permutation_partners, sample_beta_boxes
 from imas_train.models import build_model
 from imas_train.models.resnet import BasicBlock, Bottleneck, DropPath, ResNet, set_drop_path_rate
+from tests.train.resume_helpers import killed_then_resumed
 from tests.train.test_train import REPO, demo_cfg
 
 DT = ("method=dual_teacher", "run.tensorboard=false")
@@ -315,21 +316,7 @@ def test_trains_exports_and_resumes_bitwise(tmp_path: Path, monkeypatch: pytest.
     assert json.loads((state / "method_state.json").read_text()) == {"epoch": 1, "active_teacher": 2}
 
     cfg = demo_cfg(tmp_path / "split", *settings)
-    real = imas_train.train.step_generator
-
-    class Killed(Exception):
-        pass
-
-    def generator(seed: int, rank: int, step: int) -> torch.Generator:
-        if step == 3:  # mid-epoch 1
-            raise Killed
-        return real(seed, rank, step)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(imas_train.train, "step_generator", generator)
-        with pytest.raises(Killed):
-            imas_train.train.train(cfg)
-    resumed = imas_train.train.train(cfg, resume="auto")
+    resumed = killed_then_resumed(cfg, monkeypatch, at=3)  # mid-epoch 1
     assert resumed.iterations == 4 and resumed.miou_final == full.miou_final
     assert (tmp_path / "split" / "teacher.safetensors").read_bytes() == full.teacher_path.read_bytes()
     a = load_file(str(state / "method_state.safetensors"))

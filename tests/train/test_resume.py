@@ -13,6 +13,7 @@ import imas_train.methods.imas
 import imas_train.train
 from imas_core.errors import TrainingError
 from imas_train.checkpoint import Progress, find_checkpoint
+from tests.train.resume_helpers import Killed, kill_at_iteration
 from tests.train.test_train import demo_cfg
 
 # L = 2 iterations per epoch, 2 epochs: the EMA decay is 0 in epoch 0 and > 0 in epoch 1, so the resumed
@@ -20,26 +21,11 @@ from tests.train.test_train import demo_cfg
 SETTINGS = ("run.checkpoint_every=1", "run.keep_checkpoints=2", "run.tensorboard=false", "run.easiness_csv=false")
 
 
-class Killed(Exception):
-    """Stands in for SIGKILL at a chosen point."""
-
-
-def _kill_at_iteration(monkeypatch: pytest.MonkeyPatch, target: int) -> None:
-    real = imas_train.train.step_generator
-
-    def generator(seed: int, rank: int, step: int):  # type: ignore[no-untyped-def]
-        if step == target:
-            raise Killed(f"killed before iteration {step}")
-        return real(seed, rank, step)
-
-    monkeypatch.setattr(imas_train.train, "step_generator", generator)
-
-
 def test_resume_mid_epoch_is_bitwise_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full = imas_train.train.train(demo_cfg(tmp_path / "full", *SETTINGS))
     cfg = demo_cfg(tmp_path / "split", *SETTINGS)
     with monkeypatch.context() as patch:
-        _kill_at_iteration(patch, 3)  # epoch 1, batch 1: the last checkpoint is step-00000003, mid-epoch
+        kill_at_iteration(patch, 3)  # epoch 1, batch 1: the last checkpoint is step-00000003, mid-epoch
         with pytest.raises(Killed):
             imas_train.train.train(cfg)
     assert find_checkpoint(cfg.run.output_dir, "auto").name == "step-00000003"

@@ -18,16 +18,13 @@ from imas_train.cli import main
 from imas_train.config import TrainConfig
 from imas_train.pseudo_label import read_label_png
 from imas_train.teacher_artifact import load_teacher
+from tests.train.resume_helpers import Killed
 from tests.train.test_train import REPO, demo_cfg
 
 # 4 labeled (doubled: 4 iterations/epoch), 6 unlabeled (3 reliable): 3 x 4 + 1 x 3 + 1 x 7 = 22 iterations
 SETTINGS = ("method=st_pp", "st_pp.stage_epochs=[3,1,1]", "data.demo.num_unlabeled=6", "run.tensorboard=false",
             "run.easiness_csv=false", "run.keep_checkpoints=2")  # fmt: skip
 STAGES = ["stage1_supervised", "reliability", "pseudo_labels_1", "stage2_retrain", "pseudo_labels_2", "stage3_retrain"]
-
-
-class Killed(Exception):
-    """Stands in for SIGKILL at a chosen point."""
 
 
 def _cfg(run: Path, *extra: str) -> TrainConfig:

@@ -20,7 +20,7 @@ Runs go one at a time in subprocesses with OMP_NUM_THREADS=1 (one torch thread, 
 log to `--logs`; a finished run (teacher.json present) is skipped, so an interrupted experiment continues where it
 stopped. `--stage base` runs only the base runs. The JSON is rewritten after every run.
 
-    python benchmarks/label_next.py                      # 3 seeds x (base + 3 arms), about 12 x 2.5 min on 1 core
+    python benchmarks/label_next.py --rules mean last projected --random-draws 3   # the README figures, 24 runs
     python benchmarks/label_next.py --smoke              # 1 seed, tiny runs: checks the script end to end
 """
 
@@ -41,7 +41,9 @@ from report import format_table, header_lines, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ("2/0", "2/1", "5/2")  # run.seed / data.demo.seed, the three seeds of configs/demo.yaml's table
-RANDOM_BASE_SEED = 1000  # the random arm of seed pair i draws with numpy default_rng(RANDOM_BASE_SEED + i)
+RANDOM_BASE_SEED = (
+    1000  # random draw j (1, 2, ...) of seed pair i: numpy default_rng(RANDOM_BASE_SEED + 100 (j - 1) + i)
+)
 
 
 def _materialise(folder: Path, data_seed: int, counts: dict[str, int], height: int, width: int) -> None:
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", default=list(SEEDS), help="run.seed/data.demo.seed pairs")
     parser.add_argument("--top", type=int, default=16, help="K images labelled per arm (default 16)")
     parser.add_argument("--rules", nargs="+", default=["mean", "last"], help="label-next rules compared")
+    parser.add_argument("--random-draws", type=int, default=1, help="random arms per seed (default 1)")
     parser.add_argument("--window", type=int, default=5, help="label-next --window (epochs; default 5)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "label_next", help="data and run folders")
     parser.add_argument("--logs", type=Path, default=None, help="training logs (default: <work>/logs)")
@@ -232,11 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": 3 if args.smoke else 15,
         "threads": 1,
         "smoke": args.smoke,
-        "random_seed": f"numpy default_rng({RANDOM_BASE_SEED} + i)",
+        "random_seed": f"numpy default_rng({RANDOM_BASE_SEED} + 100 (draw - 1) + seed pair index)",
+        "random_draws": args.random_draws,
     }
     print(header_lines("label_next", settings), flush=True)
     results: list[dict[str, Any]] = []
-    arms = [*args.rules, "random"]
+    randoms = ["random"] + [f"random_{j}" for j in range(2, args.random_draws + 1)]
+    arms = [*args.rules, *randoms]
     for i, pair in enumerate(seeds):
         run_seed, data_seed = (int(v) for v in pair.split("/"))
         folder = args.work / f"data_d{data_seed}" if not args.smoke else args.work / "smoke_data"
@@ -256,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             split_dir = args.work / tag / f"split_{arm}"
             if not (split_dir / "unlabeled.txt").is_file():
-                if arm == "random":
-                    _random_splits(folder, split_dir, k, RANDOM_BASE_SEED + i)
+                if arm.startswith("random"):
+                    draw = 1 if arm == "random" else int(arm.split("_")[1])
+                    _random_splits(folder, split_dir, k, RANDOM_BASE_SEED + 100 * (draw - 1) + i)
                 else:
                     seconds = _label_next(base, k, arm, args.window, split_dir, logs / f"{tag}_label_next_{arm}.log")
                     (split_dir / "report_seconds.txt").write_text(f"{seconds:.2f}\n")
@@ -301,17 +307,30 @@ def _summarise(results: list[dict[str, Any]], arms: list[str], path: Path, setti
         rows.append([key, per_seed, f"{final:.2f} ± {final_std:.2f}", f"{best:.2f} ± {best_std:.2f}",
                      f"{statistics.mean(times):.0f}", f"{statistics.mean(chosen):.2f}" if chosen else "-"])  # fmt: skip
     gains = []
-    for arm in arms:
-        done = [r for r in results if arm in r and "random" in r]
-        if arm == "random" or not done:
+    randoms = [a for a in arms if a.startswith("random")]
+
+    def random_mean(r: dict[str, Any], metric: str) -> float:  # the mean over the random draws of one seed pair
+        return statistics.mean(r[k][metric] for k in randoms)
+
+    comparisons = [(arm, "random" if len(randoms) == 1 else "mean of the random draws") for arm in arms
+                   if not arm.startswith("random")]  # fmt: skip
+    comparisons += [(extra, "random") for extra in randoms[1:]]  # draw-to-draw spread of the random arm
+    for arm, reference in comparisons:
+        done = [r for r in results if arm in r and all(k in r for k in randoms)]
+        if not done:
             continue
-        final = [r[arm]["miou_final"] - r["random"]["miou_final"] for r in done]
-        best = [r[arm]["miou_best"] - r["random"]["miou_best"] for r in done]
+
+        def ref(r: dict[str, Any], metric: str, reference: str = reference) -> float:
+            return r["random"][metric] if reference == "random" else random_mean(r, metric)
+
+        final = [r[arm]["miou_final"] - ref(r, "miou_final") for r in done]
+        best = [r[arm]["miou_best"] - ref(r, "miou_best") for r in done]
         (fm, fs), (bm, bs) = _mean_std(final), _mean_std(best)
-        summary[f"{arm}_minus_random"] = {"final_per_seed": [round(g, 2) for g in final], "final_mean": round(fm, 2),
-                                          "final_std": round(fs, 2), "best_per_seed": [round(g, 2) for g in best],
-                                          "best_mean": round(bm, 2), "best_std": round(bs, 2)}  # fmt: skip
-        gains.append([f"{arm} - random", "  ".join(f"{g:+.2f}" for g in final), f"{fm:+.2f} ± {fs:.2f}",
+        summary[f"{arm}_minus_{reference.replace(' ', '_')}"] = {
+            "final_per_seed": [round(g, 2) for g in final], "final_mean": round(fm, 2), "final_std": round(fs, 2),
+            "best_per_seed": [round(g, 2) for g in best], "best_mean": round(bm, 2), "best_std": round(bs, 2),
+        }  # fmt: skip
+        gains.append([f"{arm} - {reference}", "  ".join(f"{g:+.2f}" for g in final), f"{fm:+.2f} ± {fs:.2f}",
                       "  ".join(f"{g:+.2f}" for g in best), f"{bm:+.2f} ± {bs:.2f}"])  # fmt: skip
     truth = [r["rules_vs_truth"] for r in results if "rules_vs_truth" in r]
     rule_rows = []

@@ -79,6 +79,7 @@ def test_grouping_covers_every_label_once() -> None:
         prepare.group_lut([*LABELS, "cravat"])
 
 
+@pytest.mark.slow
 def test_prepare_then_run_smoke(tmp_path: Path) -> None:
     src, data = tmp_path / "ccp", tmp_path / "prepared"
     _fake_ccp(src, annotated=16, tag_only=4)

@@ -101,3 +101,12 @@ def test_ray_infer_smoke(tmp_path: Path) -> None:
     assert set(rows) == {"single process", "Ray local (2 CPUs)"}
     assert payload["results"]["labels_byte_equal"] is True
     assert all(r["images"] == payload["settings"]["images"] and r["images_per_s"] > 0 for r in rows.values())
+
+
+def test_label_next_smoke(tmp_path: Path) -> None:
+    stdout, payload = _run("label_next", tmp_path, "--work", str(tmp_path / "work"))
+    assert "rule minus random" in stdout
+    (run,) = payload["results"]["runs"]
+    for arm in ("base", "mean", "last", "random"):
+        assert 0.0 <= run[arm]["miou_final"] <= 100.0
+    assert len(run["mean"]["chosen"]) == payload["settings"]["top"] == 4

@@ -170,7 +170,7 @@ def test_label_next_writes_the_ranked_csv_the_sheet_and_splits_that_round_trip(
     run = _make_run(tmp_path)
     out, splits = tmp_path / "report", tmp_path / "splits"
     argv = ["label-next", "--run", str(run), "--top", "3", "--output", str(out), "--write-splits", str(splits)]
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--rule", "mean"]) == 0
     printed = capsys.readouterr().out
     assert "ranked by rule 'mean' over epochs 1-5" in printed
     assert "label: 3 of the 3 moved images have no label yet" in printed
@@ -232,7 +232,10 @@ def test_a_demo_run_is_ranked_but_has_no_lists_to_rewrite(tmp_path: Path, capsys
     run = _make_run(tmp_path, dataset="demo")
     out = tmp_path / "report"
     assert cli.main(["label-next", "--run", str(run), "--top", "2", "--output", str(out)]) == 0
-    assert _rows(out / "label_next.csv")[0]["image"] == "demo_unlabeled_00000"
+    assert "ranked by rule 'last' over epochs 1-5" in capsys.readouterr().out  # the default rule
+    rows = _rows(out / "label_next.csv")
+    assert [int(r["index"]) for r in rows] == [2, 0, 4, 1, 3, 5]  # RECORD's last epoch, lowest first
+    assert rows[0]["image"] == "demo_unlabeled_00002" and rows[0]["label_path"] == ""
     capsys.readouterr()
     argv = ["label-next", "--run", str(run), "--top", "2", "--output", str(out), "--write-splits", str(tmp_path / "s")]
     assert cli.main(argv) == 2

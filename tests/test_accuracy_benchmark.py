@@ -129,3 +129,23 @@ def test_prepare_then_run_smoke(tmp_path: Path) -> None:
     for r in rows:
         assert 0 <= r["conf_ratio"] <= 1 and 0 <= r["conf_bg"] <= 1 and 0 <= r["pl_miou"] <= 1
         assert abs(r["gt_bg"] - np.mean(masks_bg)) < 1e-9
+
+
+def test_st_pp_budget_counts_the_iterations_its_stages_train() -> None:
+    """ST++ gets the others' budget over its three stages, counted from the lists its stages really train on."""
+    from imas_train.config import StPpConfig
+    from imas_train.methods.st_pp import retrain_items, supervised_items
+
+    n_lab, n_unl, batch = 100, 1794, 8
+    stage_epochs, iterations = run.st_pp_stage_epochs(n_lab, n_unl, batch=batch, total=1120)
+    st = StPpConfig()
+    reliable = list(range(int(st.reliable_fraction * n_unl)))
+    lists = [
+        supervised_items(n_lab, st.double_labeled_below),
+        retrain_items(n_lab, reliable),
+        retrain_items(n_lab, range(n_unl)),
+    ]  # stage 1, the reliable re-training, the re-training on all
+    per_epoch = [len(items) // batch for items in lists]
+    assert stage_epochs == [18, 1, 1]
+    assert iterations == sum(e * n for e, n in zip(stage_epochs, per_epoch, strict=True)) == 1123
+    assert run.plan("st_pp", n_lab, n_unl, batch=batch, epochs=5)["iterations"] == iterations

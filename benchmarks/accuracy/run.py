@@ -125,17 +125,60 @@ def uses_unlabeled(method: str) -> bool:
     return bool(METHODS[method].uses_unlabeled)
 
 
+def st_pp_stage_epochs(n_lab: int, n_unl: int, *, batch: int, total: int) -> tuple[list[int], int]:
+    """ST++'s stage epochs closest to `total` training iterations, and the iterations they make.
+
+    The re-trainings run one epoch each (their lists repeat the labeled images ⌈N_p/N_l⌉ times, so one epoch is
+    already N_u-sized: `imas_train.methods.st_pp.retrain_items`); the supervised stage (the labeled list, twice when
+    N_l < ``double_labeled_below``) takes the rest, at least K epochs for its K snapshots. Labelling passes are not
+    iterations (docs/methods.md, ST / ST++)."""
+    from imas_train.config import StPpConfig
+
+    st = StPpConfig()
+    it1 = n_lab * (2 if n_lab < st.double_labeled_below else 1) // batch
+    reliable = int(st.reliable_fraction * n_unl)
+
+    def retrain(n_pseudo: int) -> int:
+        return (-(-n_pseudo // n_lab) * n_lab + n_pseudo) // batch
+
+    it2, it3 = retrain(reliable), retrain(n_unl)
+    e1 = max(st.checkpoints, round((total - it2 - it3) / it1))
+    return [e1, 1, 1], e1 * it1 + it2 + it3
+
+
 def plan(method: str, n_lab: int, n_unl: int, *, batch: int, epochs: int) -> dict:
     """Iterations, epochs and evaluation interval of one method (module docstring: equal iterations)."""
     iters_u, iters_l = n_unl // batch, n_lab // batch
     if iters_u < 1 or iters_l < 1:
         raise BenchmarkError(f"batch {batch} exceeds the {n_lab} labeled or {n_unl} unlabeled images")
     total = epochs * iters_u
+    if method == "st_pp":  # a pipeline of trainings: the budget is split over its stages
+        stage_epochs, iterations = st_pp_stage_epochs(n_lab, n_unl, batch=batch, total=total)
+        return {"iterations": iterations, "stage_epochs": stage_epochs, "eval_every": 1}
     if uses_unlabeled(method):
         return {"iterations": total, "epochs": epochs, "iters_per_epoch": iters_u, "eval_every": 1}
     sup_epochs = -(-total // iters_l)
     return {"iterations": total, "epochs": sup_epochs, "iters_per_epoch": iters_l,
             "eval_every": max(1, round(iters_u / iters_l))}  # fmt: skip
+
+
+def _iterations(meta: dict) -> int:
+    """Training iterations of a finished run: its last step, or all of a pipeline's stages (ST++)."""
+    return int(meta["training_summary"].get("st_pp", {}).get("total_iterations", meta["step"]))
+
+
+def _history(run_dir: Path, meta: dict) -> tuple[list[list[float]], float]:
+    """[iteration, mIoU %] after each evaluation, counted over the whole run (a pipeline's stages one after the
+    other), and the training wall time in seconds (a pipeline's labelling passes excluded)."""
+    summary = meta["training_summary"]
+    stages = summary.get("st_pp", {}).get("iterations") or {None: _iterations(meta)}
+    history, offset, wall = [], 0, 0.0
+    for stage, n in stages.items():
+        s = summary if stage is None else json.loads((run_dir / stage / "teacher.json").read_text())["training_summary"]
+        ipe = s["iters_per_epoch"]
+        history += [[offset + min((e + 1) * ipe, n), round(100 * m, 2)] for e, m in s["miou_history"]]
+        offset, wall = offset + n, wall + s["wall_time_s"]
+    return history, round(wall, 1)
 
 
 def _easiness_means(run_dir: Path) -> list[float]:
@@ -165,10 +208,14 @@ def run_one(
     out = runs / split / name / f"seed{seed}"
     meta_path = out / "teacher.json"
     items = scratch_overrides(data, split, batch=batch, crop=crop) + _method_section(method, base)
-    items += [f"method={method}", f"optim.epochs={p['epochs']}", f"optim.max_iters={p['iterations']}",
-              f"eval.every_epochs={p['eval_every']}", f"run.seed={seed}", f"run.output_dir={out}", *sets]  # fmt: skip
+    if "stage_epochs" in p:
+        schedule = [f"st_pp.stage_epochs=[{','.join(map(str, p['stage_epochs']))}]"]
+    else:
+        schedule = [f"optim.epochs={p['epochs']}", f"optim.max_iters={p['iterations']}"]
+    items += [f"method={method}", *schedule, f"eval.every_epochs={p['eval_every']}", f"run.seed={seed}",
+              f"run.output_dir={out}", *sets]  # fmt: skip
     expected = _resolved(base, items)
-    done = (meta_path.is_file() and json.loads(meta_path.read_text()).get("step") == p["iterations"]
+    done = (meta_path.is_file() and _iterations(json.loads(meta_path.read_text())) == p["iterations"]
             and _resolved(out / "config.yaml", []) == expected)  # fmt: skip
     load_before = _load_average()
     wall = None
@@ -189,16 +236,15 @@ def run_one(
             raise BenchmarkError(f"{out}: training exited {proc.returncode}; {out / 'train.log'} ends:\n{tail}")
     meta = json.loads(meta_path.read_text())
     summary = meta["training_summary"]
-    ipe = summary["iters_per_epoch"]
-    history = [[min((e + 1) * ipe, p["iterations"]), round(100 * m, 2)] for e, m in summary["miou_history"]]
-    best_it = max(history, key=lambda h: h[1])[0] if history else None
+    history, train_wall = _history(out, meta)
+    best = round(100 * (meta["miou_best"] if meta["miou_best"] is not None else meta["miou_final"]), 2)
+    best_it = max((it for it, m in history if m == best), default=None)
     record = {
         "split": split, "name": name, "method": method, "seed": seed, "sets": sets,
-        "iterations": meta["step"], "batch": batch, "crop": crop,
-        "final": round(100 * meta["miou_final"], 2),
-        "best": round(100 * (meta["miou_best"] if meta["miou_best"] is not None else meta["miou_final"]), 2),
+        "iterations": _iterations(meta), "batch": batch, "crop": crop,
+        "final": round(100 * meta["miou_final"], 2), "best": best,
         "best_iteration": best_it, "history": history,
-        "train_wall_s": summary["wall_time_s"], "process_wall_s": wall,
+        "train_wall_s": train_wall, "process_wall_s": wall,
         "easiness_mean_per_epoch": _easiness_means(out),
         "load_average_before": load_before, "load_average_after": _load_average(),
         "method_config": expected.get(method),
@@ -273,13 +319,16 @@ def plot(records: list[dict], split: str, path: Path) -> Path | None:
     rows = [r for r in records if r["split"] == split and r["history"]]
     if not rows:
         return None
+    import matplotlib
     from matplotlib.figure import Figure
 
     from imas_core.atomic import atomic_write
 
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.add_subplot()
-    for name in sorted({r["name"] for r in rows}, key=lambda n: (n != "supervised", n)):
+    names = sorted({r["name"] for r in rows}, key=lambda n: (not n.startswith("supervised"), n))
+    colors = matplotlib.colormaps["tab20"].colors if len(names) > 10 else matplotlib.colormaps["tab10"].colors
+    for k, name in enumerate(names):
         runs = [r["history"] for r in rows if r["name"] == name]
         its = sorted({h[0] for hist in runs for h in hist})
         means, lo, hi, xs = [], [], [], []
@@ -290,7 +339,8 @@ def plot(records: list[dict], split: str, path: Path) -> Path | None:
                 means.append(statistics.fmean(vals))
                 lo.append(min(vals))
                 hi.append(max(vals))
-        (line,) = ax.plot(xs, means, "o-", ms=3, label=f"{name} (n={len(runs)})")
+        (line,) = ax.plot(xs, means, "o-" if k % 2 == 0 else "s--", ms=3, color=colors[k % len(colors)],
+                          label=f"{name} (n={len(runs)})")  # fmt: skip
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
     ax.set_xlabel("iteration")
     ax.set_ylabel("val teacher mIoU (%)")

@@ -19,7 +19,6 @@ scenes, which exist only as indices); a PNG is named after the source's item nam
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -37,6 +36,7 @@ from imas_core.atomic import atomic_write_bytes, atomic_write_json, stale_tempor
 from imas_core.errors import DataError, TrainingStopped
 from imas_core.scores import miou
 from imas_train.augment import normalise_images, to_chw_uint8
+from imas_train.data.labels import label_png
 from imas_train.data.sources import Source
 from imas_train.metrics import intersection_union
 from imas_train.sliding_window import EvalProtocol, predict_sliding, window_count_map
@@ -174,16 +174,6 @@ def reliability_scores(
         if stop is not None and (name := stop()) is not None:
             raise TrainingStopped(f"stopped by {name} while scoring reliability; continue with --resume auto", name)
     return scores
-
-
-def label_png(label: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
-    """A palette PNG whose pixel values are the class ids of `label` (H, W) and whose colours are `palette`."""
-    img = Image.fromarray(label.astype(np.uint8), mode="P")
-    flat = [c for rgb in palette for c in rgb]
-    img.putpalette(flat + [0] * (768 - len(flat)))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def read_label_png(path: Path) -> np.ndarray:

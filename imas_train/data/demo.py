@@ -292,18 +292,17 @@ def write_scenes(output: Path, split: str, count: int, *, seed: int, height: int
     """
     from PIL import Image  # a training dependency; imported here like every image writer of the toolkit
 
+    from imas_train.data.labels import label_png
+
     source = DemoSource(split, count, seed=seed, height=height, width=width)
-    palette = [value for rgb in DEMO_PALETTE for value in rgb]
     names = []
     for index in range(count):
         image, label = source.load(index, with_label=True)
         assert label is not None
         name = source.name(index)
-        mask = Image.fromarray(label)
-        mask.putpalette(palette)  # an "L" image becomes "P": the pixel values stay the class ids
-        for folder, picture in (("images", Image.fromarray(image)), ("labels", mask)):
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            atomic_write_bytes(output / folder / f"{name}.png", buffer.getvalue(), fsync=False)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        atomic_write_bytes(output / "images" / f"{name}.png", buffer.getvalue(), fsync=False)
+        atomic_write_bytes(output / "labels" / f"{name}.png", label_png(label, DEMO_PALETTE), fsync=False)
         names.append(name)
     return names

@@ -7,6 +7,7 @@ returns its indices; `convert("L")` would turn palette colours into luminance an
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,17 @@ def label_mode_message(mode: str) -> str:
             " holding class indices: convert colour masks to indices first (one value per class)"
         )
     return f"label mode {mode} is not supported; save it as an 8-bit single-channel PNG (mode L or P)"
+
+
+def label_png(label: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
+    """A palette PNG whose pixel values are the class ids of `label` (H, W) and whose colours are `palette` (one RGB
+    triple per class): what `read_label_raw` reads back as class ids and an image viewer shows in colour."""
+    img = Image.fromarray(label.astype(np.uint8), mode="P")
+    flat = [c for rgb in palette for c in rgb]
+    img.putpalette(flat + [0] * (768 - len(flat)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def read_label_raw(path: Path | str) -> np.ndarray:

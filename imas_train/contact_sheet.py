@@ -106,7 +106,8 @@ def render_contact_sheet(
     FigureCanvasAgg(fig)
     fw, fh = width_px / DPI, height_px / DPI
     row_h = _row_height(aspect)
-    header = f"what to label next: rule '{rule}'" + (f" over the last {window} epochs" if rule != "models" else "")
+    scope = {"models": "", "last": f" (the latest epoch; mean and trend over the last {window})"}
+    header = f"what to label next: rule '{rule}'" + scope.get(rule, f" over the last {window} epochs")
     fig.text(0.01, 1 - 0.2 / fh, header, va="center", ha="left", fontsize=10, weight="bold")
     for k, title in enumerate(_PANELS):
         x = (_TEXT_W + (k + 0.5) * _PANEL_W) / fw
